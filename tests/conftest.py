@@ -122,3 +122,30 @@ def minilm_path() -> Path:
 @pytest.fixture(scope="session")
 def scifact_dir(data_dir) -> Path:
     return data_dir / "beir" / "scifact"
+
+
+@pytest.fixture(scope="session")
+def mini_scifact(tmp_path_factory, scifact_dir) -> Path:
+    """A small BEIR-layout slice of SciFact: the first 40 judged queries, their relevant documents and the first 260
+    other documents (real texts and qrels, small enough for a 2-core CI run)."""
+    import json
+
+    out = tmp_path_factory.mktemp("mini_scifact")
+    qrels_lines = (scifact_dir / "qrels.tsv").read_text().splitlines()
+    header, rows = qrels_lines[0], [r.split("\t") for r in qrels_lines[1:] if r.strip()]
+    qids = list(dict.fromkeys(r[0] for r in rows))[:40]
+    keep_rows = [r for r in rows if r[0] in set(qids)]
+    wanted = {r[1] for r in keep_rows}
+    docs, others = [], 0
+    with open(scifact_dir / "corpus.jsonl") as fh:
+        for line in fh:
+            doc = json.loads(line)
+            if doc["id"] in wanted or others < 260:
+                others += doc["id"] not in wanted
+                docs.append(line)
+    (out / "corpus.jsonl").write_text("".join(docs))
+    queries = [line for line in (scifact_dir / "queries.jsonl").read_text().splitlines()
+               if json.loads(line)["id"] in set(qids)]
+    (out / "queries.jsonl").write_text("\n".join(queries) + "\n")
+    (out / "qrels.tsv").write_text(header + "\n" + "\n".join("\t".join(r) for r in keep_rows) + "\n")
+    return out

@@ -115,7 +115,7 @@ class Embedder:
             model = AutoModel.from_pretrained(path, **kwargs)
             model.to(self.device).eval()
         self.model = model
-        self.dim = int(getattr(self.model.config, "hidden_size"))
+        self.dim = int(self.model.config.hidden_size)
 
     @staticmethod
     def _hf_config(path: str):
@@ -133,7 +133,12 @@ class Embedder:
 
     # ---- tokenisation ------------------------------------------------------------------------------------------
     def token_ids(self, texts: Sequence[str]) -> tuple[list[list[int]], int]:
-        """Token ids per text, truncated to ``max_length`` (EOS included when appended), and the truncated count.
+        """Token ids per text, truncated to ``max_length`` (EOS included when appended), and the truncated count."""
+        ids, flags = self.token_ids_with_flags(texts)
+        return ids, sum(flags)
+
+    def token_ids_with_flags(self, texts: Sequence[str]) -> tuple[list[list[int]], list[bool]]:
+        """Token ids per text and, per text, whether it was truncated.
 
         Texts are tokenised once in full to know their true length; only the over-long ones are tokenised again
         with truncation, so the count of cut inputs is exact.
@@ -150,7 +155,10 @@ class Embedder:
         if self.append_eos:
             eos = self.tokenizer.eos_token_id
             ids = [x if x and x[-1] == eos else x + [eos] for x in ids]
-        return ids, len(long_idx)
+        flags = [False] * len(ids)
+        for i in long_idx:
+            flags[i] = True
+        return ids, flags
 
     def pad(self, ids: Sequence[Sequence[int]]):
         """Pad token ids into a tensor batch on the model's device (side chosen by pooling)."""

@@ -1,0 +1,11 @@
+"""Ray job entrypoint: `ray job submit --working-dir . -- python jobs/synthesize.py --config configs/synthesize/local-tiny.yaml`.
+
+Same behaviour as `reasonembed synthesize`: validates the config, then calls the library entry (see reasonembed.cli.ENTRIES).
+"""
+
+import sys
+
+from reasonembed.cli import run_job
+
+if __name__ == "__main__":
+    sys.exit(run_job("synthesize", sys.argv[1:]))

@@ -1,0 +1,186 @@
+"""`reasonembed <verb>`: the same verbs as jobs/<verb>.py, plus `doctor` and `submit`.
+
+Every job verb takes ``--config FILE`` (default ``configs/<verb>/local-tiny.yaml``), dotted overrides ``a.b=c``, and
+the most used fields as flags (``--model``, ``--data``, ``--out``, ...; each job config's ``FLAGS`` maps flags to
+fields). Config problems, missing files and unreachable storage print one line and exit with code 2 before anything
+is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import os
+import runpy
+import sys
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+
+from reasonembed.config import ConfigError, default_config_path, job_config_class, load_job_config
+from reasonembed.runtime import apply_env_defaults, setup_logging
+
+# verb -> library entry "module:function" taking the validated config.
+ENTRIES = {
+    "encode": "reasonembed.index.encode:run",
+    "evaluate": "reasonembed.evaluation.pipeline:run",
+    "synthesize": "reasonembed.remixer.pipeline:run",
+    "train": "reasonembed.redapter.trainer:run",
+}
+JOB_VERBS = (*ENTRIES, "serve")
+EXIT_USAGE = 2
+EXIT_UNAVAILABLE = 3
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from reasonembed.models.registry import ModelNotFoundError
+    from reasonembed.storage import StorageError
+
+    return (ConfigError, StorageError, ModelNotFoundError, FileNotFoundError)
+
+
+def parse_job_args(verb: str, argv: list[str]) -> tuple[Path, list[str], argparse.Namespace]:
+    """(config path, overrides including flag-derived ones, parsed namespace) for a job verb."""
+    cls = job_config_class(verb)
+    flags: dict[str, str] = dict(getattr(cls, "FLAGS", {}))
+    parser = argparse.ArgumentParser(prog=f"reasonembed {verb}", description=(cls.__doc__ or "").strip())
+    parser.add_argument("--config", type=Path, default=None, help=f"YAML config (default configs/{verb}/local-tiny.yaml)")
+    for flag, field in flags.items():
+        parser.add_argument(f"--{flag.replace('_', '-')}", dest=flag, default=None, help=f"sets {field}")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. embedder.max_length=512")
+    ns = parser.parse_args(argv)
+    path = ns.config or default_config_path(verb, Path.cwd())
+    if ns.config is None and not path.is_file():
+        path = default_config_path(verb, REPO_ROOT)
+    overrides = list(ns.overrides)
+    for flag, field in flags.items():
+        value = getattr(ns, flag)
+        if value is not None:
+            overrides.append(f"{field}={json.dumps(value) if _needs_quoting(value) else value}")
+    return path, overrides, ns
+
+
+def _needs_quoting(value: str) -> bool:
+    # A flag value is a plain string (a path, a model name); quote anything YAML would read as another type.
+    return any(c in value for c in ":#{}[],&*!|>'\"%@`") or value.lower() in {"true", "false", "null", "yes", "no"}
+
+
+def _print_result(result) -> None:
+    if hasattr(result, "line"):
+        print(result.line())
+    elif is_dataclass(result):
+        print(json.dumps(asdict(result), indent=2, default=str))
+    elif result is not None:
+        print(json.dumps(result, indent=2, default=str))
+
+
+def run_job(verb: str, argv: list[str]) -> int:
+    """Validate the config, then call the library entry of ``verb``."""
+    apply_env_defaults()
+    setup_logging(os.environ.get("REASONEMBED_LOG_LEVEL", "INFO"))
+    if verb == "serve":
+        launcher = REPO_ROOT / "serve" / "launch.py"
+        if not launcher.is_file():
+            print(f"reasonembed serve: {launcher} not found (run from a checkout of the repository)", file=sys.stderr)
+            return EXIT_UNAVAILABLE
+        return int(runpy.run_path(str(launcher))["main"](argv) or 0)
+    try:
+        path, overrides, _ = parse_job_args(verb, argv)
+        cfg = load_job_config(verb, path, overrides)
+    except ModuleNotFoundError as exc:
+        print(f"reasonembed {verb}: not available in this version ({exc.name} missing)", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except ConfigError as exc:
+        print(f"reasonembed {verb}: config error:\n{exc}", file=sys.stderr)
+        return EXIT_USAGE
+    mod_name, _, fn_name = ENTRIES[verb].partition(":")
+    try:
+        entry = getattr(importlib.import_module(mod_name), fn_name)
+    except (ModuleNotFoundError, AttributeError) as exc:
+        print(f"reasonembed {verb}: not available in this version ({exc})", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    try:
+        result = entry(cfg)
+    except _user_errors() as exc:
+        print(f"reasonembed {verb}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    _print_result(result)
+    return 0
+
+
+def doctor() -> int:
+    """Print versions, hardware, which engines import, and the Ray cluster this process would use."""
+    apply_env_defaults()
+    import platform as std_platform
+
+    from reasonembed.storage import package_versions
+
+    print(f"python      {sys.version.split()[0]} on {std_platform.platform()}")
+    print(f"cpus        {os.cpu_count()}")
+    for name, version in package_versions().items():
+        print(f"{name:<22}{version}")
+    try:
+        import torch
+
+        gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+        print(f"torch       {torch.__version__}, threads {torch.get_num_threads()}, GPU: {gpu}")
+    except ImportError as exc:
+        print(f"torch       NOT importable: {exc}")
+    for mod in ("faiss", "deepspeed", "vllm", "ray.data.llm"):
+        try:
+            importlib.import_module(mod)
+            print(f"import {mod:<14} ok")
+        except Exception as exc:  # report, never crash: this is a diagnostic
+            print(f"import {mod:<14} FAILED: {type(exc).__name__}: {exc}")
+    address = os.environ.get("RAY_ADDRESS")
+    recorded = Path("/tmp/ray/ray_current_cluster")
+    if address:
+        print(f"ray cluster RAY_ADDRESS={address}")
+    elif recorded.is_file():
+        print(f"ray cluster recorded at {recorded.read_text().strip()} (jobs start a private one unless ray.address is set)")
+    else:
+        print("ray cluster none running; jobs start a private local cluster on 127.0.0.1")
+    print(f"data dir    {os.environ.get('REASONEMBED_DATA_DIR', '(unset; tests use ../shared/data)')}")
+    print(f"HF offline  {os.environ.get('HF_HUB_OFFLINE', '0')}")
+    return 0
+
+
+USAGE = """usage: reasonembed <verb> [--config FILE] [--model M] [--data D] [--out O] [key=value ...]
+
+verbs:
+  doctor      versions, hardware, engines, Ray cluster
+  encode      corpus -> embeddings shards -> FAISS index
+  evaluate    dense or BM25 retrieval on BEIR / BRIGHT / R2MED -> report.json, report.md, run.trec, PNG
+  synthesize  ReMixer: documents -> queries -> mined candidates -> annotations -> training samples
+  train       Redapter: RI-InfoNCE fine-tuning on Ray Train -> sentence-transformers model
+  serve       OpenAI-compatible embeddings + search endpoint on Ray Serve
+  submit      submit a job verb to a Ray cluster (reasonembed submit <verb> --address http://head:8265 ...)
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0 if argv else EXIT_USAGE
+    verb, rest = argv[0], argv[1:]
+    if verb == "doctor":
+        return doctor()
+    if verb == "submit":
+        try:
+            from reasonembed.submit import submit_cli
+        except ModuleNotFoundError as exc:
+            print(f"reasonembed submit: not available in this version ({exc})", file=sys.stderr)
+            return EXIT_UNAVAILABLE
+        return int(submit_cli(rest) or 0)
+    if verb not in JOB_VERBS:
+        print(f"reasonembed: unknown verb {verb!r}\n{USAGE}", file=sys.stderr)
+        return EXIT_USAGE
+    return run_job(verb, rest)
+
+
+if __name__ == "__main__":
+    logging.captureWarnings(True)
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""Config of the embedding service (`reasonembed serve`, `serve deploy serve/config.yaml`).
+
+The service is two Serve deployments: ``EmbeddingAPI`` (HTTP ingress: auth, limits, protocol, search) and
+``EmbeddingModel`` (model replicas with token-budget dynamic batching, on CPU or GPU). Batch jobs can call
+``EmbeddingModel`` through its deployment handle, so one set of replicas serves online and batch traffic.
+
+Batching arithmetic: a Serve batch holds whole request chunks while ``rows x longest row <= token_budget`` and
+``rows <= max_batch_size``; e.g. token_budget 16384 fits 64 rows of 256 tokens or 256 rows of 64 tokens.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from pydantic import Field, model_validator
+
+from reasonembed.config.base import JobConfig, StrictModel
+from reasonembed.config.embedder import EmbedderConfig
+
+
+class AuthConfig(StrictModel):
+    """Optional bearer-token auth. The key is read once at start-up and never logged."""
+
+    api_key_env: str | None = Field(
+        "REASONEMBED_API_KEY",
+        description="Environment variable holding the API key (read in the ingress replica). Unset or empty: "
+        "no key from the environment.",
+    )
+    api_key_file: str | None = Field(
+        None,
+        description="File holding the API key (first line, whitespace stripped); wins over api_key_env. A missing "
+        "or empty file is a start-up error, never a silently open service.",
+    )
+
+
+class LimitsConfig(StrictModel):
+    """Request limits: larger requests get 413; overload gets 429/503 with Retry-After."""
+
+    max_inputs_per_request: int = Field(2048, ge=1, description="Max inputs in one embeddings or search request.")
+    max_chars_per_input: int = Field(
+        100_000, ge=1, description="Max characters per text input (or ids per token-id input)."
+    )
+    max_body_bytes: int = Field(8 * 2**20, ge=1024, description="Max HTTP request body size, bytes.")
+    max_top_k: int = Field(1000, ge=1, description="Max top_k of a search request.")
+    max_excluded_ids: int = Field(100_000, ge=0, description="Max excluded ids in one search request.")
+    max_queued_requests: int = Field(
+        512, ge=1, description="Requests queued at each caller (HTTP proxy, ingress) before Serve rejects new ones."
+    )
+    overload_status: int = Field(503, description="Status of a backpressure rejection: 503 or 429.")
+    retry_after_s: float = Field(1.0, ge=0, description="Retry-After (seconds) sent with 429/503 responses.")
+    request_timeout_s: float = Field(
+        60.0, gt=0, description="An embedding call that takes longer is answered 503 with Retry-After (never hangs)."
+    )
+
+    @model_validator(mode="after")
+    def _status(self) -> LimitsConfig:
+        if self.overload_status not in (429, 503):
+            raise ValueError("overload_status must be 429 or 503")
+        return self
+
+
+class BatchingConfig(StrictModel):
+    """Dynamic batching of model replicas (``@serve.batch`` with a token-budget ``batch_size_fn``)."""
+
+    max_batch_size: int = Field(128, ge=1, description="Max rows (inputs) per forward batch.")
+    token_budget: int | None = Field(
+        None,
+        ge=64,
+        description="Max padded tokens (rows x longest row) per Serve batch. None: embedder.token_budget. Must be at "
+        "least the model's max length, so one full-length input always fits.",
+    )
+    wait_timeout_s: float = Field(
+        0.005, ge=0, description="How long a batch waits for more requests after its first one, seconds."
+    )
+    max_concurrent_batches: int = Field(
+        1, ge=1, description="Batches run at once per replica (1 on CPU: torch already uses every thread)."
+    )
+    warmup: bool = Field(True, description="Run forward passes at several lengths before reporting ready.")
+
+
+class AutoscalingConfig(StrictModel):
+    """Replica count of the model deployment (Serve autoscaling)."""
+
+    min_replicas: int = Field(1, ge=0, description="Fewest model replicas (0 allows scale to zero).")
+    max_replicas: int = Field(1, ge=1, description="Most model replicas.")
+    target_ongoing_requests: float = Field(
+        32, gt=0, description="Ongoing requests per replica the autoscaler aims for (batching wants many)."
+    )
+    upscale_delay_s: float = Field(10.0, ge=0, description="Sustained load needed before adding replicas, seconds.")
+    downscale_delay_s: float = Field(120.0, ge=0, description="Idle time before removing replicas, seconds.")
+
+    @model_validator(mode="after")
+    def _order(self) -> AutoscalingConfig:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(f"max_replicas {self.max_replicas} < min_replicas {self.min_replicas}")
+        return self
+
+
+class ReplicaConfig(StrictModel):
+    """Resources and concurrency of the two deployments."""
+
+    num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per model replica (also its torch threads on CPU).")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per model replica (0: CPU replicas).")
+    accelerator_type: str | None = Field(None, description="Ray accelerator type for GPU replicas, e.g. 'H100'.")
+    max_ongoing_requests: int = Field(
+        256, ge=1, description="Requests in flight per model replica; batching needs many at once."
+    )
+    ingress_replicas: int = Field(1, ge=1, description="HTTP ingress replicas (protocol, auth, limits, search).")
+    ingress_num_cpus: float = Field(0.0, ge=0, description="CPUs reserved per ingress replica.")
+    ingress_max_ongoing_requests: int = Field(512, ge=1, description="Requests in flight per ingress replica.")
+
+
+class ServeJobConfig(JobConfig):
+    """`reasonembed serve`: an OpenAI-compatible embeddings endpoint plus FAISS search, on Ray Serve."""
+
+    FLAGS: ClassVar[dict[str, str]] = {
+        "model": "embedder.model",
+        "port": "port",
+        "index": "index",
+        "api_key_file": "auth.api_key_file",
+    }
+
+    embedder: EmbedderConfig = Field(default_factory=EmbedderConfig, description="The served embedding model.")
+    served_model_name: str | None = Field(
+        None, description="Model id in /v1/models and accepted in requests' `model`. None: embedder.model."
+    )
+    app_name: str = Field("reasonembed", description="Serve application name (batch jobs find the model by it).")
+    host: str = Field("127.0.0.1", description="HTTP bind address of the Serve proxy.")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port of the Serve proxy.")
+    route_prefix: str = Field("/", description="Route prefix of the application.")
+    index: str | None = Field(
+        None,
+        description="FAISS index for /v1/search: an encode output folder (its index/ subfolder is used) or an "
+        "index folder; local or s3://. Its recorded encoder must match the served model. None: no search.",
+    )
+    prompts: dict[str, str] = Field(
+        default_factory=dict,
+        description="Named task instructions for `prompt_name` (queries get 'Instruct: {task}\\nQuery: {q}'). "
+        "Built in: 'query' (embedder.query_instruction) and 'document'/'passage' (no instruction).",
+    )
+    auth: AuthConfig = Field(default_factory=AuthConfig, description="API key settings.")
+    limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Request limits and overload policy.")
+    batching: BatchingConfig = Field(default_factory=BatchingConfig, description="Dynamic batching.")
+    autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig, description="Model replica count.")
+    replica: ReplicaConfig = Field(default_factory=ReplicaConfig, description="Replica resources.")
+
+    @model_validator(mode="after")
+    def _budget_fits_one_input(self) -> ServeJobConfig:
+        budget = self.batching.token_budget or self.embedder.token_budget
+        if self.embedder.max_length is not None and budget < self.embedder.max_length:
+            raise ValueError(
+                f"batching.token_budget {budget} < embedder.max_length {self.embedder.max_length}: one full-length "
+                "input would never fit a batch"
+            )
+        return self

@@ -1,0 +1,98 @@
+"""Dense and hybrid retrieval for evaluation: encode the corpus with the encode job, search FAISS, drop excluded ids.
+
+Protocol (BRIGHT, SPEC.md section 3): retrieve the top ``k`` (2000) by exact inner product, then remove each query's
+``excluded_ids``, then rank what remains. Hybrid fusion: s = α·minmax(s_dense) + (1-α)·minmax(s_bm25) per query,
+over the union of both candidate lists (a document missing from one list scores 0 on that side).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import pyarrow as pa
+
+from reasonembed.config.encode import EncodeJobConfig
+from reasonembed.config.evaluate import EvaluateJobConfig
+from reasonembed.data.types import RetrievalTask
+from reasonembed.index.faiss_index import IndexSpec, SearchIndex
+from reasonembed.models.embedder import Embedder
+
+log = logging.getLogger(__name__)
+Run = dict[str, dict[str, float]]
+
+
+def corpus_dataset_builder(task: RetrievalTask):
+    """(builder, n_rows) over an in-memory corpus, in the normalised form the encode job consumes."""
+    import ray
+
+    from reasonembed.index.reader import stable_shard
+
+    ids, texts = list(task.corpus.ids), list(task.corpus.texts)
+
+    def build(n_shards: int):
+        table = pa.table({
+            "doc_id": pa.array(ids, pa.string()),
+            "text": pa.array(texts, pa.string()),
+            "error": pa.array(["" if t and t.strip() else "empty text" for t in texts], pa.string()),
+            "shard": pa.array([stable_shard(d, n_shards) for d in ids], pa.int64()),
+        })
+        return ray.data.from_arrow(table)
+
+    return build, len(ids)
+
+
+def corpus_index(cfg: EvaluateJobConfig, task: RetrievalTask, embedder: Embedder) -> tuple[SearchIndex, dict]:
+    """The task corpus's FAISS index: through the Ray Data encode job (cached per run) or in-process."""
+    t0 = time.time()
+    if cfg.corpus_encoding == "local":
+        res = embedder.encode_with_stats(task.corpus.texts)
+        spec = IndexSpec(kind=cfg.index.kind, shard_size=cfg.index.shard_size)
+        index = SearchIndex.build(res.embeddings, task.corpus.ids, spec, meta={"encoder": embedder.describe()})
+        return index, {"encode_s": round(time.time() - t0, 2), "tokens": res.n_tokens, "truncated": res.n_truncated}
+    from reasonembed.index import encode
+
+    enc_cfg = EncodeJobConfig(
+        run_id=cfg.run_id, out=cfg.out, seed=cfg.seed, ray=cfg.ray, storage=cfg.storage,
+        data={"path": f"<task:{task.benchmark}/{task.name}:{task.metadata.get('revision', '')}>"},
+        embedder=cfg.embedder.model_copy(update={"query_instruction": None}), engine=cfg.engine, index=cfg.index,
+        stage=f"encode/{task.benchmark}/{task.name}",
+    )
+    builder, n = corpus_dataset_builder(task)
+    summary = encode.run(enc_cfg, dataset_builder=builder, n_rows=n)
+    index = SearchIndex.load(summary.index_uri, cfg.storage)
+    return index, {"encode_s": round(time.time() - t0, 2), "tokens": summary.tokens, "truncated": summary.truncated,
+                   "encode_stage": summary.stage}
+
+
+def dense_run(cfg: EvaluateJobConfig, task: RetrievalTask, embedder: Embedder, k: int) -> tuple[Run, dict]:
+    """Dense retrieval run for every query of ``task`` (excluded ids removed after the top-k search)."""
+    index, info = corpus_index(cfg, task, embedder)
+    index.check_compatible(embedder.describe())
+    instruction = task.instruction if cfg.use_task_instruction else None
+    t0 = time.time()
+    q = embedder.encode(task.queries.texts, is_query=True, instruction=instruction)
+    hits = index.search(q, k)
+    run = {qid: dict(h) for qid, h in zip(task.queries.ids, hits, strict=True)}
+    info.update(query_s=round(time.time() - t0, 2), instruction=instruction)
+    return run, info
+
+
+def _minmax(scores: dict[str, float]) -> dict[str, float]:
+    if not scores:
+        return {}
+    v = np.array(list(scores.values()), dtype=np.float64)
+    lo, hi = float(v.min()), float(v.max())
+    span = hi - lo if hi > lo else 1.0
+    return {d: (s - lo) / span for d, s in scores.items()}
+
+
+def fuse(dense: Run, sparse: Run, alpha: float, k: int) -> Run:
+    """Hybrid fusion (module docstring), keeping the best ``k`` per query."""
+    out: Run = {}
+    for qid in set(dense) | set(sparse):
+        a, b = _minmax(dense.get(qid, {})), _minmax(sparse.get(qid, {}))
+        fused = {d: alpha * a.get(d, 0.0) + (1 - alpha) * b.get(d, 0.0) for d in set(a) | set(b)}
+        out[qid] = dict(sorted(fused.items(), key=lambda kv: (-kv[1], kv[0]))[:k])
+    return out

@@ -1,0 +1,177 @@
+"""FAISS indexes over platform embeddings: build (flat / IVF / HNSW, sharded), save to local or S3, load, search.
+
+Scores are inner products of L2-normalised vectors (= cosine). ``IndexFlatIP`` is exact; IVF and HNSW trade recall
+for speed on large corpora. A corpus larger than ``shard_size`` is split into shards searched independently and
+merged by score: exact for flat shards, and it keeps each shard's memory bounded.
+
+An index folder holds ``index.json`` (what produced it: model, pooling, instruction, dimension, corpus manifest),
+``ids.parquet`` (row -> doc_id) and ``shard-<k>.faiss``. A query encoder that does not match the recorded model or
+dimension is refused (``IndexMismatchError``), because its scores would be meaningless.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import faiss
+import numpy as np
+import pyarrow as pa
+
+from reasonembed.config.base import StorageConfig
+from reasonembed.storage import Location
+
+IndexKind = Literal["flat", "ivf", "hnsw"]
+META = "index.json"
+IDS = "ids.parquet"
+
+
+class IndexMismatchError(ValueError):
+    """The index was built with another model, pooling or dimension than the query encoder."""
+
+
+@dataclass
+class IndexSpec:
+    """How to build an index (mirrors the ``index`` section of the encode config)."""
+
+    kind: IndexKind = "flat"
+    shard_size: int = 5_000_000
+    ivf_nlist: int | None = None  # None: 4 * sqrt(n)
+    ivf_nprobe: int = 32
+    hnsw_m: int = 32
+    hnsw_ef_search: int = 128
+
+
+def _build_one(x: np.ndarray, spec: IndexSpec) -> faiss.Index:
+    d = x.shape[1]
+    if spec.kind == "flat" or x.shape[0] < 1024:  # IVF needs enough points to train its centroids
+        index = faiss.IndexFlatIP(d)
+    elif spec.kind == "ivf":
+        nlist = spec.ivf_nlist or max(1, int(4 * np.sqrt(x.shape[0])))
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.train(x)
+        index.nprobe = spec.ivf_nprobe
+    elif spec.kind == "hnsw":
+        index = faiss.IndexHNSWFlat(d, spec.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efSearch = spec.hnsw_ef_search
+    else:
+        raise ValueError(f"unknown index kind {spec.kind!r}")
+    index.add(x)
+    return index
+
+
+@dataclass
+class SearchIndex:
+    """Sharded FAISS index with doc ids and provenance metadata."""
+
+    shards: list[faiss.Index]
+    doc_ids: list[str]
+    meta: dict[str, Any] = field(default_factory=dict)
+    offsets: list[int] = field(default_factory=list)  # first row of each shard
+
+    @property
+    def dim(self) -> int:
+        return self.shards[0].d
+
+    @property
+    def ntotal(self) -> int:
+        return len(self.doc_ids)
+
+    @classmethod
+    def build(
+        cls, embeddings: np.ndarray, doc_ids: Sequence[str], spec: IndexSpec | None = None,
+        meta: dict[str, Any] | None = None,
+    ) -> SearchIndex:
+        spec = spec or IndexSpec()
+        x = np.ascontiguousarray(embeddings, dtype=np.float32)
+        if x.ndim != 2 or x.shape[0] != len(doc_ids):
+            raise ValueError(f"embeddings {x.shape} do not match {len(doc_ids)} doc ids")
+        if len(set(doc_ids)) != len(doc_ids):
+            raise ValueError("duplicate doc ids in index input")
+        shards, offsets = [], []
+        for start in range(0, max(1, x.shape[0]), spec.shard_size):
+            offsets.append(start)
+            shards.append(_build_one(x[start:start + spec.shard_size], spec))
+        info = {"kind": spec.kind, "dim": int(x.shape[1]), "ntotal": int(x.shape[0]), "metric": "inner_product",
+                "shard_size": spec.shard_size, "shards": len(shards), **(meta or {})}
+        return cls(shards, list(doc_ids), info, offsets)
+
+    def check_compatible(self, encoder: dict[str, Any]) -> None:
+        """Refuse a query encoder whose model, pooling or dimension differs from the index's."""
+        problems = []
+        if int(encoder.get("dim", self.dim)) != self.dim:
+            problems.append(f"dimension {encoder.get('dim')} != index {self.dim}")
+        recorded = self.meta.get("encoder") or {}
+        for key in ("model_name", "pooling", "max_length", "normalize"):
+            if key in recorded and key in encoder and recorded[key] != encoder[key]:
+                problems.append(f"{key} {encoder[key]!r} != index {recorded[key]!r}")
+        if problems:
+            raise IndexMismatchError("query encoder does not match the index: " + "; ".join(problems))
+
+    def search(
+        self, queries: np.ndarray, k: int, excluded: Sequence[Sequence[str]] | None = None
+    ) -> list[list[tuple[str, float]]]:
+        """Top-k (doc_id, score) per query, best first; ``excluded[i]`` ids are removed *after* retrieval.
+
+        The BRIGHT protocol retrieves a large top-k (2000) and then drops each query's excluded ids, so
+        fewer than k results may remain; no replacement hits are fetched (that would change the protocol).
+        """
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        if q.ndim != 2 or q.shape[1] != self.dim:
+            raise IndexMismatchError(f"query dimension {q.shape[-1]} != index dimension {self.dim}")
+        k_eff = min(k, self.ntotal)
+        all_s, all_i = [], []
+        for shard, off in zip(self.shards, self.offsets, strict=True):
+            s, i = shard.search(q, min(k_eff, shard.ntotal))
+            all_s.append(s)
+            all_i.append(np.where(i >= 0, i + off, -1))
+        scores = np.concatenate(all_s, axis=1)
+        idx = np.concatenate(all_i, axis=1)
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :k_eff]
+        out = []
+        for r in range(q.shape[0]):
+            drop = set(excluded[r]) if excluded is not None else set()
+            hits = []
+            for c in order[r]:
+                j = int(idx[r, c])
+                if j < 0:
+                    continue
+                did = self.doc_ids[j]
+                if did not in drop:
+                    hits.append((did, float(scores[r, c])))
+            out.append(hits)
+        return out
+
+    # ---- persistence -------------------------------------------------------------------------------------
+    def save(self, uri: str, storage: StorageConfig | None = None) -> None:
+        """Write shards, ids and metadata under ``uri`` (local or s3://); metadata last marks it complete."""
+        loc = Location(uri, storage)
+        loc.makedirs()
+        with tempfile.TemporaryDirectory() as tmp:
+            for n, shard in enumerate(self.shards):
+                local = Path(tmp, f"shard-{n:05d}.faiss")
+                faiss.write_index(shard, str(local))
+                loc.upload_file(local, local.name)
+        loc.write_table(IDS, pa.table({"doc_id": pa.array(self.doc_ids, pa.string())}))
+        loc.write_json(META, {**self.meta, "offsets": self.offsets})
+
+    @classmethod
+    def load(cls, uri: str, storage: StorageConfig | None = None) -> SearchIndex:
+        loc = Location(uri, storage)
+        if not loc.exists(META):
+            raise FileNotFoundError(f"no FAISS index at {uri} (missing {META}; run `reasonembed encode` first)")
+        meta = loc.read_json(META)
+        offsets = meta.pop("offsets")
+        doc_ids = loc.read_table(IDS).column("doc_id").to_pylist()
+        shards = []
+        with tempfile.TemporaryDirectory() as tmp:
+            for n in range(len(offsets)):
+                local = loc.download_file(f"shard-{n:05d}.faiss", Path(tmp, f"shard-{n:05d}.faiss"))
+                shards.append(faiss.read_index(str(local)))
+        for shard in shards:
+            if meta.get("kind") == "ivf" and hasattr(shard, "nprobe"):
+                shard.nprobe = int(meta.get("ivf_nprobe", 32))
+        return cls(shards, doc_ids, meta, offsets)

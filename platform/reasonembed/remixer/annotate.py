@@ -1,0 +1,127 @@
+"""Stage 3, reasoning-augmented relevance annotation (SPEC.md section 1, stage 3).
+
+Pointwise: one request per (query, candidate) pair, id ``pair_id = h("pair", query_id, doc_id)`` (which also
+seeds its vLLM sampling). The prompt carries the domain's relevance definition, query and document types, the
+three reasoning steps and the 1-5 scale; the score is parsed strictly from the last ``<score>N</score>`` tag
+(``annotate.score_pattern``).
+
+Error rows (``synthesize/annotate/errors/``), kept with their ids and the raw response, never a silent -1:
+``no_score_tag`` (e.g. cut off at max_tokens), ``score_not_integer``, ``score_out_of_range``, ``empty_output``, and
+the engine's ``prompt_too_long`` / ``bad_input`` / ``engine_error``.
+
+The paper's path is free text + strict parse. A random-weight tiny model almost never writes a valid tag, so the
+tiny preset sets ``annotator.structured_output.regex`` (e.g. ``[\\s\\S]{0,200}<score>[1-5]</score>``): guided
+decoding then guarantees the tag's shape and the same strict parser reads it.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from reasonembed.config.synthesize import AnnotateConfig
+from reasonembed.remixer.context import Context
+from reasonembed.remixer.generate import engine_identity, final_queries
+from reasonembed.remixer.ids import content_hash, stage_hash
+from reasonembed.remixer.llm_stage import LLMStageStats, error_table, run_llm_shards
+from reasonembed.remixer.parsing import parse_score
+from reasonembed.remixer.prompts import DomainProfile, annotation_prompt
+
+SCORE_SCHEMA = pa.schema([
+    ("pair_id", pa.string()), ("query_id", pa.string()), ("doc_id", pa.string()), ("rank", pa.int32()),
+    ("domain", pa.string()), ("shard", pa.string()), ("score", pa.int8()), ("num_generated_tokens", pa.int64()),
+    ("truncated", pa.bool_()), ("response", pa.string()),
+])
+ERROR_SCHEMA = pa.schema([
+    ("pair_id", pa.string()), ("query_id", pa.string()), ("doc_id", pa.string()), ("rank", pa.int32()),
+    ("domain", pa.string()), ("shard", pa.string()), ("reason", pa.string()), ("detail", pa.string()),
+    ("raw_text", pa.string()),
+])
+PAIR_COLUMNS = ("pair_id", "query_id", "doc_id", "rank", "domain", "shard", "query", "doc")
+
+
+def hash_annotate(ctx: Context, upstream: str) -> str:
+    return stage_hash("annotate", upstream, ctx.cfg.annotate, engine_identity(ctx.cfg.annotator),
+                      {d: [p.relevance_definition, p.query_type, p.doc_type] for d, p in ctx.profiles.items()})
+
+
+class AnnotationMessages:
+    """Picklable row -> annotation prompt."""
+
+    def __init__(self, profiles: dict[str, DomainProfile]):
+        self.profiles = profiles
+
+    def __call__(self, row: dict) -> str:
+        return annotation_prompt(self.profiles[row["domain"]], row["query"], row["doc"])
+
+
+def pair_rows(ctx: Context) -> pa.Table:
+    """Every (query, candidate) pair of the finished mine stage, with the texts its prompt needs."""
+    mine = ctx.stage("mine").read_parts()
+    queries = final_queries(ctx)
+    qtext = dict(zip(queries["query_id"].to_pylist(), queries["query"].to_pylist(), strict=True))
+    pool = ctx.stage("pool")
+    cols: dict[str, list] = {c: [] for c in PAIR_COLUMNS}
+    for domain in ctx.cfg.data.domains:
+        part = mine.filter(pc.equal(mine["domain"], domain)) if mine.num_rows else mine
+        if part.num_rows == 0:
+            continue
+        pt = pool.read_table(pool.part_name(domain))
+        dtext = dict(zip(pt["doc_id"].to_pylist(), pt["text"].to_pylist(), strict=True))
+        for r in part.select(["query_id", "shard", "candidate_ids"]).to_pylist():
+            for rank, doc_id in enumerate(r["candidate_ids"]):
+                cols["pair_id"].append(content_hash("pair", r["query_id"], doc_id))
+                cols["query_id"].append(r["query_id"])
+                cols["doc_id"].append(doc_id)
+                cols["rank"].append(rank)
+                cols["domain"].append(domain)
+                cols["shard"].append(r["shard"])
+                cols["query"].append(qtext[r["query_id"]])
+                cols["doc"].append(dtext[doc_id])
+    schema = pa.schema([(c, pa.int32() if c == "rank" else pa.string()) for c in PAIR_COLUMNS])
+    return pa.table(cols, schema=schema)
+
+
+class ScoreParser:
+    """Generated rows of one shard -> (scores, error rows), with the strict parser of ``parsing.parse_score``."""
+
+    def __init__(self, cfg: AnnotateConfig):
+        self.cfg = cfg
+
+    def __call__(self, shard: str, out: pa.Table):
+        good, bad = [], []
+        for r in out.to_pylist():
+            ids = {k: r[k] for k in ("pair_id", "query_id", "doc_id", "rank", "domain", "shard")}
+            if r.get("error"):
+                bad.append({**ids, "reason": r["error"], "detail": r.get("error_detail") or "", "raw_text": ""})
+                continue
+            text = r["generated_text"]
+            score, reason = parse_score(text, self.cfg.score_pattern, self.cfg.min_score, self.cfg.max_score)
+            if reason:
+                detail = "generation hit max_tokens" if r["truncated"] else ""
+                bad.append({**ids, "reason": reason, "detail": detail, "raw_text": text})
+                continue
+            good.append({**ids, "score": score, "num_generated_tokens": r["num_generated_tokens"],
+                         "truncated": r["truncated"], "response": text if self.cfg.keep_text else None})
+        good.sort(key=lambda x: x["pair_id"])
+        bad.sort(key=lambda x: x["pair_id"])
+        return error_table(good, SCORE_SCHEMA), error_table(bad, ERROR_SCHEMA)
+
+
+def run(ctx: Context, h: str) -> tuple[dict, LLMStageStats]:
+    stage = ctx.stage("annotate")
+    pairs = pair_rows(ctx)
+    shards = sorted(ctx.stage("prepare").done_shards())
+    stats = run_llm_shards(stage, pairs, shards, ctx.cfg.annotator, AnnotationMessages(ctx.profiles),
+                           ScoreParser(ctx.cfg.annotate), id_column="pair_id",
+                           keep_columns=["query_id", "doc_id", "rank", "domain", "shard"])
+    out, errors = stage.read_parts(), stage.read_errors()
+    hist = Counter(out["score"].to_pylist()) if out.num_rows else Counter()
+    total_tokens = int(pc.sum(out["num_generated_tokens"]).as_py() or 0) if out.num_rows else 0
+    fields = {"rows_in": pairs.num_rows, "rows_out": out.num_rows, "rows_error": errors.num_rows,
+              "errors_by_reason": dict(Counter(errors["reason"].to_pylist())) if errors.num_rows else {},
+              "extra": {**stats.as_dict(), "score_histogram": {str(k): hist[k] for k in sorted(hist)},
+                        "generated_tokens_total": total_tokens}}
+    return fields, stats

@@ -1,0 +1,211 @@
+"""Stage 1, conditioned query generation, and the reasoning query q' (SPEC.md section 1, stage 1).
+
+Generate (``synthesize/generate``): one request per (source, j < queries_per_doc) with id
+``gen_id = h("gen", domain, doc_id, j)``. Its target length and education level are drawn from
+``random.Random(h(seed, gen_id))`` with the configured weights (paper: lengths 1,2,3,3,2,1; levels 1,2,2), and its
+vLLM seed derives from ``gen_id``. Outputs are cleaned (surrounding quotes and code fences) and get
+``query_id = h("query", domain, query)``. Empty outputs and engine errors are error rows.
+
+Dedup: queries with equal ``query_id`` (same domain and text) collapse to the one with the smallest ``gen_id``;
+:func:`unique_queries` applies this to the finished generate stage, so it is deterministic.
+
+Reason (``synthesize/reason``): q' for every unique query, with a configurable prompt (ours by default: the paper's
+is unpublished) and the generator LLM. A query whose q' fails is an error row and does not go on to mining.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from reasonembed.config.llm import LLMEngineConfig
+from reasonembed.remixer.context import Context
+from reasonembed.remixer.ids import content_hash, row_rng, stage_hash, weighted_pick
+from reasonembed.remixer.llm_stage import LLMStageStats, error_table, run_llm_shards
+from reasonembed.remixer.parsing import parse_query
+from reasonembed.remixer.prompts import DomainProfile, generation_prompt, reasoning_prompt
+
+QUERY_SCHEMA = pa.schema([
+    ("query_id", pa.string()), ("gen_id", pa.string()), ("domain", pa.string()), ("source_doc_id", pa.string()),
+    ("shard", pa.string()), ("query", pa.string()), ("length", pa.string()), ("education", pa.string()),
+    ("num_generated_tokens", pa.int64()), ("truncated", pa.bool_()),
+])
+REASON_SCHEMA = pa.schema([
+    ("query_id", pa.string()), ("domain", pa.string()), ("shard", pa.string()), ("reasoning_query", pa.string()),
+    ("num_generated_tokens", pa.int64()), ("truncated", pa.bool_()),
+])
+ERROR_SCHEMA = pa.schema([
+    ("row_id", pa.string()), ("domain", pa.string()), ("source_doc_id", pa.string()), ("shard", pa.string()),
+    ("reason", pa.string()), ("detail", pa.string()), ("raw_text", pa.string()),
+])
+
+
+def hash_generate(ctx: Context, upstream: str) -> str:
+    c = ctx.cfg
+    return stage_hash("generate", upstream, c.generate, engine_identity(c.generator), c.seed,
+                      {d: [p.generation_instruction, p.output_name] for d, p in ctx.profiles.items()})
+
+
+def reason_engine(ctx: Context) -> LLMEngineConfig:
+    s = ctx.cfg.reasoning.sampling
+    return ctx.cfg.generator if s is None else ctx.cfg.generator.model_copy(update={"sampling": s})
+
+
+def hash_reason(ctx: Context, upstream: str) -> str:
+    c = ctx.cfg
+    return stage_hash("reason", upstream, c.reasoning, engine_identity(reason_engine(ctx)),
+                      {d: [p.query_type, p.label] for d, p in ctx.profiles.items()})
+
+
+def engine_identity(engine: LLMEngineConfig) -> dict:
+    """Engine fields that change outputs (placement and throughput knobs do not)."""
+    return engine.model_dump(mode="json", include={"model", "max_model_len", "dtype", "seed", "chat_template_kwargs",
+                                                   "sampling", "structured_output"})
+
+
+class GenerationMessages:
+    """Picklable row -> stage 1 prompt."""
+
+    def __init__(self, profiles: dict[str, DomainProfile], language: str):
+        self.profiles, self.language = profiles, language
+
+    def __call__(self, row: dict) -> str:
+        return generation_prompt(self.profiles[row["domain"]], row["text"], row["length"], row["education"],
+                                 self.language)
+
+
+class ReasoningMessages:
+    """Picklable row -> q' prompt."""
+
+    def __init__(self, profiles: dict[str, DomainProfile], template: str | None):
+        self.profiles, self.template = profiles, template
+
+    def __call__(self, row: dict) -> str:
+        return reasoning_prompt(self.profiles[row["domain"]], row["query"], self.template)
+
+
+def generation_requests(ctx: Context, sources: pa.Table) -> pa.Table:
+    """One request row per (source, j) with its sampled length bucket and education level."""
+    g = ctx.cfg.generate
+    lengths = [b.label for b in g.length_buckets], [b.weight for b in g.length_buckets]
+    levels = [b.label for b in g.education_levels], [b.weight for b in g.education_levels]
+    rows = []
+    for src in sources.to_pylist():
+        for j in range(g.queries_per_doc):
+            gen_id = content_hash("gen", src["domain"], src["doc_id"], j)
+            rng = row_rng(ctx.seed, "gen", gen_id)
+            rows.append({"gen_id": gen_id, "domain": src["domain"], "source_doc_id": src["doc_id"],
+                         "text": src["text"], "shard": src["shard"], "length": weighted_pick(rng, *lengths),
+                         "education": weighted_pick(rng, *levels)})
+    schema = pa.schema([(k, pa.string()) for k in
+                        ("gen_id", "domain", "source_doc_id", "text", "shard", "length", "education")])
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+def _error(r: dict, row_id: str, reason: str, detail: str, raw: str) -> dict:
+    return {"row_id": row_id, "domain": r["domain"], "source_doc_id": r.get("source_doc_id", ""),
+            "shard": r["shard"], "reason": reason, "detail": detail, "raw_text": raw}
+
+
+def _post_generate(shard: str, out: pa.Table):
+    good, bad = [], []
+    for r in out.to_pylist():
+        if r.get("error"):
+            bad.append(_error(r, r["gen_id"], r["error"], r.get("error_detail") or "", ""))
+            continue
+        query, reason = parse_query(r["generated_text"])
+        if reason:
+            bad.append(_error(r, r["gen_id"], reason, "nothing left after cleaning", r["generated_text"]))
+            continue
+        good.append({"query_id": content_hash("query", r["domain"], query), "gen_id": r["gen_id"],
+                     "domain": r["domain"], "source_doc_id": r["source_doc_id"], "shard": r["shard"], "query": query,
+                     "length": r["length"], "education": r["education"],
+                     "num_generated_tokens": r["num_generated_tokens"], "truncated": r["truncated"]})
+    good.sort(key=lambda x: x["gen_id"])
+    bad.sort(key=lambda x: x["row_id"])
+    return error_table(good, QUERY_SCHEMA), error_table(bad, ERROR_SCHEMA)
+
+
+def run_generate(ctx: Context, h: str) -> tuple[dict, LLMStageStats]:
+    stage = ctx.stage("generate")
+    sources = ctx.stage("prepare").read_parts()
+    shards = sorted(ctx.stage("prepare").done_shards())
+    requests = generation_requests(ctx, sources) if sources.num_rows else None
+    if requests is None:
+        raise RuntimeError("generate: the prepare stage sampled no source documents (see its manifest)")
+    stats = run_llm_shards(stage, requests, shards, ctx.cfg.generator,
+                           GenerationMessages(ctx.profiles, ctx.cfg.generate.language), _post_generate,
+                           id_column="gen_id",
+                           keep_columns=["domain", "source_doc_id", "shard", "length", "education"])
+    out, errors = stage.read_parts(), stage.read_errors()
+    _, dups = unique_queries(out)
+    fields = {"rows_in": requests.num_rows, "rows_out": out.num_rows, "rows_error": errors.num_rows,
+              "errors_by_reason": _reasons(errors),
+              "extra": {**stats.as_dict(), "duplicate_queries": dups,
+                        "generated_tokens_total": _sum(out, "num_generated_tokens"),
+                        "truncated": _sum(out, "truncated")}}
+    return fields, stats
+
+
+def unique_queries(queries: pa.Table) -> tuple[pa.Table, int]:
+    """Keep one row per query_id (the smallest gen_id); returns (table sorted by query_id, number dropped)."""
+    if queries.num_rows == 0:
+        return queries, 0
+    t = queries.sort_by([("query_id", "ascending"), ("gen_id", "ascending")])
+    qids = t["query_id"].to_pylist()
+    first = [i for i in range(len(qids)) if i == 0 or qids[i] != qids[i - 1]]
+    return t.take(pa.array(first, pa.int64())), t.num_rows - len(first)
+
+
+def _post_reason(shard: str, out: pa.Table):
+    good, bad = [], []
+    for r in out.to_pylist():
+        if r.get("error"):
+            bad.append(_error(r, r["query_id"], r["error"], r.get("error_detail") or "", ""))
+            continue
+        text, reason = parse_query(r["generated_text"])
+        if reason:
+            bad.append(_error(r, r["query_id"], reason, "empty reasoning query", r["generated_text"]))
+            continue
+        good.append({"query_id": r["query_id"], "domain": r["domain"], "shard": r["shard"], "reasoning_query": text,
+                     "num_generated_tokens": r["num_generated_tokens"], "truncated": r["truncated"]})
+    good.sort(key=lambda x: x["query_id"])
+    bad.sort(key=lambda x: x["row_id"])
+    return error_table(good, REASON_SCHEMA), error_table(bad, ERROR_SCHEMA)
+
+
+def run_reason(ctx: Context, h: str) -> tuple[dict, LLMStageStats]:
+    stage = ctx.stage("reason")
+    queries, _ = unique_queries(ctx.stage("generate").read_parts())
+    shards = sorted(ctx.stage("prepare").done_shards())
+    rows = queries.select(["query_id", "domain", "source_doc_id", "shard", "query"])
+    stats = run_llm_shards(stage, rows, shards, reason_engine(ctx),
+                           ReasoningMessages(ctx.profiles, ctx.cfg.reasoning.prompt), _post_reason,
+                           id_column="query_id", keep_columns=["domain", "source_doc_id", "shard"])
+    out, errors = stage.read_parts(), stage.read_errors()
+    fields = {"rows_in": rows.num_rows, "rows_out": out.num_rows, "rows_error": errors.num_rows,
+              "errors_by_reason": _reasons(errors),
+              "extra": {**stats.as_dict(), "generated_tokens_total": _sum(out, "num_generated_tokens"),
+                        "truncated": _sum(out, "truncated")}}
+    return fields, stats
+
+
+def final_queries(ctx: Context) -> pa.Table:
+    """Unique queries joined with q' (when enabled; queries whose q' failed are left out): the mining input."""
+    queries, _ = unique_queries(ctx.stage("generate").read_parts())
+    if not ctx.cfg.reasoning.enabled:
+        return queries.append_column("reasoning_query", pa.array([None] * queries.num_rows, pa.string()))
+    reason = ctx.stage("reason").read_parts(columns=["query_id", "reasoning_query"])
+    if reason.num_rows == 0:
+        return queries.append_column("reasoning_query", pa.array([], pa.string())).slice(0, 0)
+    return queries.join(reason, "query_id", join_type="inner").sort_by("query_id")
+
+
+def _reasons(errors: pa.Table) -> dict[str, int]:
+    return dict(Counter(errors["reason"].to_pylist())) if errors.num_rows else {}
+
+
+def _sum(t: pa.Table, col: str) -> int:
+    return int(pc.sum(t[col]).as_py() or 0) if t.num_rows else 0

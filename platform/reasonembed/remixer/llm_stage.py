@@ -1,0 +1,149 @@
+"""Run one LLM stage (domain filter, query generation, q', annotation) over its pending shards, committing each
+shard as soon as all of its rows are back.
+
+Exactly-once protocol:
+1. the stage's rows are fully determined by the finished upstream stage (ids are content hashes, each row carries
+   the shard of the source it descends from);
+2. only shards without a part file are sent; all of them go through *one* ``reasonembed.llm.generate`` pipeline
+   (one engine start-up), one Ray block per shard;
+3. the driver streams results, groups them by shard (a repeated id, e.g. after a task retry, is ignored) and, when
+   a shard is complete, writes its error rows and then its part file (atomic; the part's presence marks the shard
+   done);
+4. vLLM sampling is seeded per row from (seed, row id) (``reasonembed.llm.sampling``), so a shard re-done after a
+   kill produces the same text as an uninterrupted run.
+A row the engine never answers (missing at the end) is a bug and fails the stage loudly instead of losing it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from reasonembed.config.llm import LLMEngineConfig
+from reasonembed.storage import StageDir
+
+log = logging.getLogger(__name__)
+
+# (shard, generated rows of that shard) -> (part table, error table)
+Postprocess = Callable[[str, pa.Table], tuple[pa.Table, pa.Table]]
+
+
+@dataclass
+class LLMStageStats:
+    """What one run of an LLM stage did (only the shards it processed, not the ones done before)."""
+
+    shards_done_before: int = 0
+    shards_run: int = 0
+    rows_sent: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    llm_s: float = 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.generated_tokens / self.llm_s if self.llm_s > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        return {"shards_done_before": self.shards_done_before, "shards_run": self.shards_run,
+                "rows_sent": self.rows_sent, "prompt_tokens": self.prompt_tokens,
+                "generated_tokens": self.generated_tokens, "llm_s": round(self.llm_s, 3),
+                "tokens_per_s": round(self.tokens_per_s, 1)}
+
+
+def run_llm_shards(
+    stage: StageDir,
+    rows: pa.Table,
+    shards: list[str],
+    engine: LLMEngineConfig,
+    build_messages,
+    postprocess: Postprocess,
+    *,
+    id_column: str,
+    keep_columns: list[str],
+) -> LLMStageStats:
+    """Generate for every pending shard of ``rows`` and commit each shard through ``postprocess``.
+
+    Args:
+        stage: the stage folder (already ``begin``-ed).
+        rows: every input row of the stage, with ``id_column`` and ``shard`` (string) columns.
+        shards: every shard the stage must end up with (shards without rows get an empty part).
+        engine: the vLLM engine, sampling and structured-output settings.
+        build_messages: picklable ``row -> messages`` (see ``reasonembed.llm.generate``).
+        postprocess: turns a shard's generated rows into its part and error tables.
+        id_column: unique row id (also seeds sampling).
+        keep_columns: input columns carried to the output rows.
+    """
+    from reasonembed.llm import generate
+
+    done = stage.done_shards()
+    stats = LLMStageStats(shards_done_before=len(done & set(shards)))
+    pending = [s for s in shards if s not in done]
+    if not pending:
+        return stats
+    by_shard = _split_by_shard(rows, pending)
+    empty = rows.slice(0, 0)
+    for s in [s for s in pending if s not in by_shard]:
+        _commit(stage, s, empty.append_column("generated_text", pa.array([], pa.string())), postprocess)
+        stats.shards_run += 1
+    todo = [s for s in pending if s in by_shard]
+    if not todo:
+        return stats
+    import ray
+
+    expected = {s: by_shard[s].num_rows for s in todo}
+    stats.rows_sent = sum(expected.values())
+    log.info("%s: %d rows in %d shards to generate (%d shards done before)", stage.stage, stats.rows_sent,
+             len(todo), stats.shards_done_before)
+    ds = ray.data.from_arrow([by_shard[s] for s in todo])
+    out = generate(ds, engine, build_messages, id_column=id_column, keep_columns=keep_columns)
+    got: dict[str, list[pa.Table]] = defaultdict(list)
+    seen: dict[str, set] = defaultdict(set)
+    t0 = time.time()
+    for batch in out.iter_batches(batch_format="pyarrow", batch_size=None):
+        for s in pc.unique(batch["shard"]).to_pylist():
+            part = batch.filter(pc.equal(batch["shard"], s))
+            ids = part[id_column].to_pylist()
+            fresh = [i for i, x in enumerate(ids) if x not in seen[s]]
+            if len(fresh) < len(ids):
+                log.warning("%s shard %s: %d repeated rows ignored", stage.stage, s, len(ids) - len(fresh))
+                part = part.take(pa.array(fresh, pa.int64()))
+            seen[s].update(part[id_column].to_pylist())
+            got[s].append(part)
+            stats.prompt_tokens += int(pc.sum(part["num_input_tokens"]).as_py() or 0)
+            stats.generated_tokens += int(pc.sum(part["num_generated_tokens"]).as_py() or 0)
+            if len(seen[s]) == expected[s]:
+                table = pa.concat_tables(got.pop(s), promote_options="permissive")
+                _commit(stage, s, table, postprocess)
+                stats.shards_run += 1
+    stats.llm_s = time.time() - t0
+    missing = {s: expected[s] - len(seen[s]) for s in todo if not stage.has_shard(s)}
+    if missing:
+        raise RuntimeError(f"{stage.stage}: the engine returned no output for some rows (shard: missing rows) "
+                           f"{missing}; re-run to retry these shards")
+    return stats
+
+
+def _split_by_shard(rows: pa.Table, shards: list[str]) -> dict[str, pa.Table]:
+    wanted = set(shards)
+    out = {}
+    for s in pc.unique(rows["shard"]).to_pylist():
+        if s in wanted:
+            out[s] = rows.filter(pc.equal(rows["shard"], s))
+    return out
+
+
+def _commit(stage: StageDir, shard: str, generated: pa.Table, postprocess: Postprocess) -> None:
+    part, errors = postprocess(shard, generated)
+    stage.write_errors(errors, shard)  # first: the part file marks the shard done
+    stage.write_part(part, shard)
+
+
+def error_table(rows: list[dict], schema: pa.Schema) -> pa.Table:
+    """Error rows with a fixed schema (an empty table keeps the schema)."""
+    return pa.Table.from_pylist(rows, schema=schema)

@@ -1,0 +1,175 @@
+"""Stage 2, candidate mining (triviality elimination; SPEC.md section 1, stage 2).
+
+For each domain: the mining pool (whole domain corpus after dedup/decontamination) and the queries are encoded by
+the platform's batch encoder (``reasonembed.index.encode``: a Ray Data actor pool of ``Embedder``s, resumable by
+shard) and searched with the platform's FAISS index (``SearchIndex``, exact inner product by default):
+
+    hits = top-``search_top_k`` over the pool, minus the query's source document  (the source is never a candidate)
+    candidates = hits[:keep]  (+ random pool documents, seeded by the query id, when fewer than ``keep`` remain)
+
+Queries are encoded as ``query_format.format(task=<domain retrieval instruction>, query=q)`` (gte-Qwen2 /
+ReasonEmbed format, the same as ``Embedder.format_queries``); documents get no instruction.
+
+Output ``synthesize/mine/part-<shard>.parquet``: ``query_id, domain, shard, source_doc_id, candidate_ids,
+candidate_scores`` (null for padded ones), ``n_retrieved, n_padded``. One part per source shard.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from reasonembed.config.encode import CorpusSource, EncodeJobConfig, IndexConfig
+from reasonembed.remixer.context import Context
+from reasonembed.remixer.generate import final_queries
+from reasonembed.remixer.ids import row_rng, stage_hash
+
+log = logging.getLogger(__name__)
+
+MINE_SCHEMA = pa.schema([
+    ("query_id", pa.string()), ("domain", pa.string()), ("shard", pa.string()), ("source_doc_id", pa.string()),
+    ("candidate_ids", pa.list_(pa.string())), ("candidate_scores", pa.list_(pa.float32())),
+    ("n_retrieved", pa.int32()), ("n_padded", pa.int32()),
+])
+
+
+def hash_mine(ctx: Context, upstream: str) -> str:
+    m = ctx.cfg.mine
+    emb = m.embedder.model_dump(exclude={"device", "num_threads", "token_budget", "max_batch_size", "dtype"})
+    return stage_hash("mine", upstream, emb, m.model_dump(exclude={"embedder", "engine"}),
+                      m.engine.rows_per_shard, ctx.cfg.seed,
+                      {d: p.retrieval_instruction for d, p in ctx.profiles.items()})
+
+
+def _encode(ctx: Context, name: str, source_tag: str, ids: list[str], texts: list[str]):
+    """Encode texts through ``reasonembed.index.encode`` into ``synthesize/<name>``; returns (ids, embeddings, summary).
+
+    ``source_tag`` (upstream hash) goes into the encode stage's config hash, so new upstream rows never reuse
+    stale embeddings.
+    """
+    from reasonembed.index.encode import load_embeddings
+    from reasonembed.index.encode import run as encode_run
+    from reasonembed.index.reader import stable_shard
+
+    cfg = ctx.cfg
+    table = pa.table({"doc_id": pa.array(ids, pa.string()), "text": pa.array(texts, pa.string())})
+
+    def build(n_shards: int):
+        import ray
+
+        shards = pa.array([stable_shard(i, n_shards) for i in ids], pa.int64())
+        full = table.append_column("error", pa.array([""] * len(ids), pa.string())).append_column("shard", shards)
+        return ray.data.from_arrow(full)
+
+    enc_cfg = EncodeJobConfig(
+        run_id=cfg.run_id, out=cfg.out, seed=cfg.seed, ray=cfg.ray, storage=cfg.storage,
+        data=CorpusSource(path=f"reasonembed-synthesize:{name}@{source_tag}"), embedder=cfg.mine.embedder,
+        engine=cfg.mine.engine, index=IndexConfig(build=False), stage=f"synthesize/{name}", overwrite=cfg.overwrite,
+    )
+    summary = encode_run(enc_cfg, dataset_builder=build, n_rows=len(ids))
+    got_ids, emb = load_embeddings(ctx.run.stage(f"synthesize/{name}"))
+    if len(got_ids) != len(ids):
+        errs = ctx.run.stage(f"synthesize/{name}").read_errors()
+        raise RuntimeError(f"mine: {name}: {len(ids) - len(got_ids)} texts could not be encoded "
+                           f"({errs.num_rows} error rows in synthesize/{name}/errors)")
+    order = {d: i for i, d in enumerate(got_ids)}
+    return emb[[order[i] for i in ids]], summary
+
+
+def format_query(template: str, instruction: str | None, query: str) -> str:
+    """The embedder's query format (``Embedder.format_queries``): the template with the task, or the bare query."""
+    return template.format(task=instruction, query=query) if instruction else query
+
+
+def select_candidates(
+    hits: list[tuple[str, float]], source: str, pool_ids: list[str], keep: int, pad: bool, seed: int, query_id: str
+) -> tuple[list[str], list[float | None], int]:
+    """First ``keep`` hits that are not the source, padded with seeded random pool documents.
+
+    Returns (candidate ids, scores with None for padded ones, number padded).
+    """
+    cand = [(d, s) for d, s in hits if d != source][:keep]
+    ids = [d for d, _ in cand]
+    scores: list[float | None] = [float(s) for _, s in cand]
+    n_pad = 0
+    if pad and len(ids) < keep:
+        taken = set(ids) | {source}
+        rest = [d for d in pool_ids if d not in taken]
+        extra = row_rng(seed, "pad", query_id).sample(rest, min(keep - len(ids), len(rest)))
+        ids += extra
+        scores += [None] * len(extra)
+        n_pad = len(extra)
+    return ids, scores, n_pad
+
+
+def run(ctx: Context, h: str) -> dict:
+    from reasonembed.index.faiss_index import IndexSpec, SearchIndex
+
+    cfg, m = ctx.cfg, ctx.cfg.mine
+    stage = ctx.stage("mine")
+    shards = sorted(ctx.stage("prepare").done_shards())
+    queries = final_queries(ctx)
+    done = stage.done_shards()
+    pending = [s for s in shards if s not in done]
+    pool = ctx.stage("pool")
+    encode_stats: dict = {}
+    n_queries = 0
+    for domain in cfg.data.domains:
+        dom_shards = [s for s in pending if s.rsplit("-", 1)[0] == domain]
+        if not dom_shards:
+            continue
+        pool_t = pool.read_table(pool.part_name(domain))
+        pool_ids = pool_t["doc_id"].to_pylist()
+        # Encode every query of the domain (not only the pending shards'): the encode stage's rows must not
+        # depend on where an earlier run stopped.
+        q = queries.filter(pc.equal(queries["domain"], domain))
+        if q.num_rows and len(pool_ids):
+            doc_emb, s1 = _encode(ctx, f"mine_pool/{domain}", h, pool_ids, pool_t["text"].to_pylist())
+            instr = m.embedder.query_instruction or ctx.profiles[domain].retrieval_instruction
+            texts = [format_query(m.embedder.query_format, instr, x) for x in q["query"].to_pylist()]
+            q_emb, s2 = _encode(ctx, f"mine_queries/{domain}", h, q["query_id"].to_pylist(), texts)
+            encode_stats[domain] = {"pool": _summary(s1), "queries": _summary(s2)}
+            index = SearchIndex.build(doc_emb, pool_ids, IndexSpec(kind="flat"), meta={"domain": domain})
+            sources = q["source_doc_id"].to_pylist()
+            # Retrieve one extra hit so that removing the source still leaves search_top_k.
+            hits = index.search(q_emb, min(m.search_top_k + 1, len(pool_ids)), excluded=None)
+            hits = [[x for x in hs if x[0] != src][:m.search_top_k] for hs, src in zip(hits, sources, strict=True)]
+        else:
+            hits = [[] for _ in range(q.num_rows)]
+        rows_by_shard: dict[str, list[dict]] = {s: [] for s in dom_shards}
+        for r, hs in zip(q.to_pylist(), hits, strict=True):
+            if r["shard"] not in rows_by_shard:
+                continue
+            ids, scores, n_pad = select_candidates(hs, r["source_doc_id"], pool_ids, m.keep, m.pad_random, cfg.seed,
+                                                   r["query_id"])
+            rows_by_shard[r["shard"]].append({
+                "query_id": r["query_id"], "domain": domain, "shard": r["shard"],
+                "source_doc_id": r["source_doc_id"], "candidate_ids": ids, "candidate_scores": scores,
+                "n_retrieved": len(ids) - n_pad, "n_padded": n_pad})
+        for s in dom_shards:
+            rows = sorted(rows_by_shard[s], key=lambda x: x["query_id"])
+            stage.write_part(pa.Table.from_pylist(rows, schema=MINE_SCHEMA), s)
+        n_queries += q.num_rows
+    out = stage.read_parts()
+    n_cand = int(pc.sum(pc.list_value_length(out["candidate_ids"])).as_py() or 0) if out.num_rows else 0
+    n_pad = int(pc.sum(out["n_padded"]).as_py() or 0) if out.num_rows else 0
+    return {"rows_in": queries.num_rows, "rows_out": out.num_rows, "rows_error": 0,
+            "extra": {"candidates": n_cand, "padded": n_pad, "queries_mined_this_run": n_queries,
+                      "source_in_candidates": source_in_candidates(out), "encode": encode_stats,
+                      "pool_sizes": {d: len(pool.read_table(pool.part_name(d))) for d in cfg.data.domains}}}
+
+
+def source_in_candidates(mine: pa.Table) -> int:
+    """How many candidate lists contain their own source document (must be 0)."""
+    if mine.num_rows == 0:
+        return 0
+    return sum(src in cands for src, cands in zip(mine["source_doc_id"].to_pylist(),
+                                                   mine["candidate_ids"].to_pylist(), strict=True))
+
+
+def _summary(s) -> dict:
+    return {"rows": s.rows, "tokens": s.tokens, "tokens_per_s": round(s.tokens_per_s, 1),
+            "wall_s": round(s.wall_s, 2), "truncated": s.truncated}
+

@@ -1,0 +1,192 @@
+"""Stage 0, source preparation (SPEC.md section 1): read each domain corpus, drop gold documents of the benchmark's
+test queries (decontamination), drop exact duplicates, keep 200-5000 character documents, optionally ask the LLM
+whether each one belongs to the domain, and draw N sources per domain with a seeded sample.
+
+Outputs:
+- ``synthesize/pool/part-<domain>.parquet``: the mining pool (whole domain corpus, deduplicated and, with
+  ``apply_to_pool``, decontaminated): ``domain, doc_id, text``;
+- ``synthesize/prepare/part-<domain>-<k>.parquet``: the sampled sources, ``domain, doc_id, text, shard``, in
+  fixed-size chunks of the doc-id-sorted sample; error rows (unreadable records, domain-filter failures) in
+  ``errors/``; the manifest counts every reason a document was left out.
+
+Sampling: ``random.Random(h(seed, domain)).sample(sorted eligible ids, min(N, n))``: the same corpus and seed
+always give the same sources, whatever the file order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import Counter
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from reasonembed.config.llm import LLMEngineConfig, StructuredOutputConfig
+from reasonembed.remixer.context import Context
+from reasonembed.remixer.ids import row_rng, shard_name, stage_hash
+from reasonembed.remixer.llm_stage import error_table, run_llm_shards
+from reasonembed.remixer.parsing import parse_yes_no
+from reasonembed.remixer.prompts import DomainProfile, domain_filter_prompt
+from reasonembed.remixer.sources import contaminated_ids, read_domain
+
+log = logging.getLogger(__name__)
+
+SOURCE_SCHEMA = pa.schema([("domain", pa.string()), ("doc_id", pa.string()), ("text", pa.string()),
+                           ("shard", pa.string())])
+POOL_SCHEMA = pa.schema([("domain", pa.string()), ("doc_id", pa.string()), ("text", pa.string())])
+ERROR_SCHEMA = pa.schema([("domain", pa.string()), ("doc_id", pa.string()), ("reason", pa.string()),
+                          ("detail", pa.string()), ("raw_text", pa.string())])
+FILTER_SCHEMA = pa.schema([("domain", pa.string()), ("doc_id", pa.string()), ("keep", pa.bool_())])
+
+
+def filter_engine(ctx: Context) -> LLMEngineConfig:
+    """The generator engine with the domain filter's sampling (and a Yes/No choice when guided)."""
+    f = ctx.cfg.prepare.domain_filter
+    update = {"sampling": f.sampling}
+    if f.guided:
+        update["structured_output"] = StructuredOutputConfig(choice=["Yes", "No"])
+    return ctx.cfg.generator.model_copy(update=update)
+
+
+def hash_of(ctx: Context) -> str:
+    c = ctx.cfg
+    filt = [c.prepare.domain_filter, filter_engine(ctx).model_dump(exclude={"concurrency", "batch_size"})] \
+        if c.prepare.domain_filter.enabled else None
+    return stage_hash("prepare", c.data, c.prepare.model_dump(exclude={"domain_filter"}), c.seed,
+                      {d: p.label for d, p in ctx.profiles.items()}, filt)
+
+
+class FilterMessages:
+    """Picklable row -> yes/no prompt for the domain filter."""
+
+    def __init__(self, profiles: dict[str, DomainProfile]):
+        self.profiles = profiles
+
+    def __call__(self, row: dict) -> str:
+        return domain_filter_prompt(self.profiles[row["domain"]], row["text"])
+
+
+def _dedup(ids: list[str], texts: list[str]) -> tuple[list[int], list[tuple[str, str]]]:
+    """Indices kept (smallest doc id per identical text) and (dropped id, kept id) pairs."""
+    groups: dict[str, list[int]] = {}
+    for i, t in enumerate(texts):
+        groups.setdefault(hashlib.sha256(t.encode("utf-8")).hexdigest(), []).append(i)
+    keep, dropped = [], []
+    for idx in groups.values():
+        idx.sort(key=lambda i: ids[i])
+        keep.append(idx[0])
+        dropped.extend((ids[i], ids[idx[0]]) for i in idx[1:])
+    return sorted(keep), dropped
+
+
+def run(ctx: Context, h: str) -> dict:
+    """Run stage 0; returns the manifest fields."""
+    cfg, pc_ = ctx.cfg, ctx.cfg.prepare
+    stage, pool_stage = ctx.stage("prepare"), ctx.stage("pool")
+    pool_stage.begin(h, overwrite=cfg.overwrite)
+    gold, gold_counts = contaminated_ids(cfg.data.decontamination)
+    counts: Counter = Counter()
+    errors: list[dict] = []
+    eligible: dict[str, list[tuple[str, str]]] = {}
+    for domain in cfg.data.domains:
+        corpus = read_domain(cfg.data, domain, cfg.storage)
+        counts["records_read"] += corpus.records
+        counts["docs_valid"] += len(corpus.ids)
+        errors += [{**e, "raw_text": ""} for e in corpus.errors]
+        is_gold = [d in gold for d in corpus.ids]
+        counts["contaminated"] += sum(is_gold)
+        keep, dropped = _dedup(corpus.ids, corpus.texts) if pc_.dedup else (list(range(len(corpus.ids))), [])
+        counts["duplicates"] += len(dropped)
+        pool_idx = [i for i in keep if not (is_gold[i] and cfg.data.decontamination.apply_to_pool)]
+        pool_stage.write_part(pa.table({
+            "domain": [domain] * len(pool_idx), "doc_id": [corpus.ids[i] for i in pool_idx],
+            "text": [corpus.texts[i] for i in pool_idx]}, schema=POOL_SCHEMA), domain)
+        counts["pool_docs"] += len(pool_idx)
+        rows = []
+        for i in keep:
+            n = len(corpus.texts[i])
+            if is_gold[i]:
+                continue
+            if n < pc_.min_chars:
+                counts["too_short"] += 1
+            elif n > pc_.max_chars:
+                counts["too_long"] += 1
+            else:
+                rows.append((corpus.ids[i], corpus.texts[i]))
+        eligible[domain] = sorted(rows)
+        counts["eligible"] += len(rows)
+    pool_stage.write_manifest(config_hash=h, rows_in=counts["docs_valid"], rows_out=counts["pool_docs"],
+                              extra={"contaminated_removed": cfg.data.decontamination.apply_to_pool})
+    if pc_.domain_filter.enabled:
+        eligible, filter_errors = _domain_filter(ctx, h, eligible, counts)
+        errors += filter_errors
+    n_src = 0
+    for domain in cfg.data.domains:
+        pool = [d for d, _ in eligible[domain]]
+        rng = row_rng(pc_.sample_seed if pc_.sample_seed is not None else cfg.seed, "sample", domain)
+        chosen = set(rng.sample(pool, min(pc_.n_per_domain, len(pool))))
+        picked = [(d, t) for d, t in eligible[domain] if d in chosen]
+        if not picked:
+            log.warning("prepare: domain %s has no eligible source documents", domain)
+        for k in range(0, len(picked), pc_.rows_per_shard):
+            chunk = picked[k:k + pc_.rows_per_shard]
+            s = shard_name(domain, k // pc_.rows_per_shard)
+            stage.write_part(pa.table({"domain": [domain] * len(chunk), "doc_id": [d for d, _ in chunk],
+                                       "text": [t for _, t in chunk], "shard": [s] * len(chunk)},
+                                      schema=SOURCE_SCHEMA), s)
+        n_src += len(picked)
+    if errors:
+        stage.write_errors(error_table(sorted(errors, key=lambda e: (e["domain"], e["doc_id"], e["reason"])),
+                                       ERROR_SCHEMA), "all")
+    by_reason = dict(Counter(e["reason"] for e in errors))
+    return {"rows_in": counts["records_read"], "rows_out": n_src, "rows_error": len(errors),
+            "errors_by_reason": by_reason,
+            "extra": {**dict(counts), "sampled": n_src, "gold_ids": len(gold), "gold_ids_by_task": gold_counts}}
+
+
+def _domain_filter(ctx: Context, h: str, eligible: dict[str, list[tuple[str, str]]], counts: Counter):
+    """LLM yes/no per eligible document (its own resumable stage ``synthesize/domain_filter``)."""
+    stage = ctx.stage("domain_filter")
+    stage.begin(h, overwrite=ctx.cfg.overwrite)
+    size = ctx.cfg.prepare.rows_per_shard
+    recs, shards = [], []
+    for domain, rows in eligible.items():
+        for k in range(0, max(1, len(rows)), size):
+            s = shard_name(domain, k // size)
+            shards.append(s)
+            recs += [{"row_id": f"{domain}/{d}", "domain": domain, "doc_id": d, "text": t, "shard": s}
+                     for d, t in rows[k:k + size]]
+    table = pa.Table.from_pylist(recs, schema=pa.schema([("row_id", pa.string()), ("domain", pa.string()),
+                                                         ("doc_id", pa.string()), ("text", pa.string()),
+                                                         ("shard", pa.string())]))
+
+    def post(shard: str, out: pa.Table):
+        keep_rows, errs = [], []
+        for r in out.to_pylist():
+            if r.get("error"):
+                errs.append({"domain": r["domain"], "doc_id": r["doc_id"], "reason": r["error"],
+                             "detail": r.get("error_detail") or "", "raw_text": ""})
+                continue
+            ok, reason = parse_yes_no(r["generated_text"])
+            if reason:
+                errs.append({"domain": r["domain"], "doc_id": r["doc_id"], "reason": f"domain_filter_{reason}",
+                             "detail": "answer is neither Yes nor No", "raw_text": r["generated_text"]})
+            else:
+                keep_rows.append({"domain": r["domain"], "doc_id": r["doc_id"], "keep": ok})
+        keep_rows.sort(key=lambda r: r["doc_id"])
+        errs.sort(key=lambda r: r["doc_id"])
+        return error_table(keep_rows, FILTER_SCHEMA), error_table(errs, ERROR_SCHEMA)
+
+    stats = run_llm_shards(stage, table, shards, filter_engine(ctx), FilterMessages(ctx.profiles), post,
+                           id_column="row_id", keep_columns=["domain", "doc_id", "shard"])
+    verdicts = stage.read_parts()
+    errors = stage.read_errors().to_pylist()
+    keep = set()
+    if verdicts.num_rows:
+        yes = verdicts.filter(pc.equal(verdicts["keep"], True))
+        keep = set(zip(yes["domain"].to_pylist(), yes["doc_id"].to_pylist(), strict=True))
+        counts["off_domain"] += verdicts.num_rows - yes.num_rows
+    stage.write_manifest(config_hash=h, rows_in=table.num_rows, rows_out=len(keep), rows_error=len(errors),
+                         errors_by_reason=dict(Counter(e["reason"] for e in errors)), extra=stats.as_dict())
+    return {d: [(i, t) for i, t in rows if (d, i) in keep] for d, rows in eligible.items()}, errors

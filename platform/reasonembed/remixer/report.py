@@ -1,0 +1,116 @@
+"""The end-of-run report: rows in/out and error counts per stage, tokens and tokens/s of the LLM stages, the score
+histogram (also as a PNG), positives/negatives per query, and the fraction of candidates equal to their source
+(the triviality check: it must be 0).
+
+Written to ``synthesize/report.json`` and ``synthesize/score_histogram.png``; returned as a dict by
+``pipeline.run``. Token rates come from each LLM stage's manifest, i.e. from the run that finished the stage
+(``shards_run`` says how much of the stage that run did).
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import pyarrow.compute as pc
+
+from reasonembed.remixer.context import STAGE_ROOT, Context
+from reasonembed.storage import Location
+
+LLM_STAGES = ("domain_filter", "generate", "reason", "annotate")
+REPORT_STAGES = ("prepare", "pool", "domain_filter", "generate", "reason", "mine", "annotate", "format")
+
+
+def source_fraction(ctx: Context) -> tuple[int, int]:
+    """(candidates equal to their query's source document, all candidates) over the mine stage."""
+    mine = ctx.stage("mine").read_parts(columns=["source_doc_id", "candidate_ids"])
+    if mine.num_rows == 0:
+        return 0, 0
+    hits = sum(cands.count(src) for src, cands in zip(mine["source_doc_id"].to_pylist(),
+                                                        mine["candidate_ids"].to_pylist(), strict=True))
+    return hits, int(pc.sum(pc.list_value_length(mine["candidate_ids"])).as_py() or 0)
+
+
+def build(ctx: Context) -> dict[str, Any]:
+    stages: dict[str, Any] = {}
+    for name in REPORT_STAGES:
+        m = ctx.stage(name).read_manifest()
+        if m is None:
+            continue
+        entry = {"rows_in": m.rows_in, "rows_out": m.rows_out, "rows_error": m.rows_error,
+                 "errors_by_reason": m.errors_by_reason, "shards": m.shards, "wall_s": m.wall_s}
+        if name in LLM_STAGES:
+            entry.update({k: m.extra.get(k) for k in ("generated_tokens", "prompt_tokens", "tokens_per_s", "llm_s",
+                                                        "shards_run", "shards_done_before")})
+        stages[name] = entry
+    ann = ctx.stage("annotate").read_manifest()
+    fmt = ctx.stage("format").read_manifest()
+    prep = ctx.stage("prepare").read_manifest()
+    same, total = source_fraction(ctx)
+    hist = dict(ann.extra.get("score_histogram", {})) if ann else {}
+    return {
+        "run": ctx.run.uri,
+        "stages": stages,
+        "decontamination": {"gold_ids": prep.extra.get("gold_ids"), "removed": prep.extra.get("contaminated")}
+        if prep else {},
+        "score_histogram": hist,
+        "annotation_errors": ann.rows_error if ann else 0,
+        "samples": fmt.rows_out if fmt else 0,
+        "pos_per_query": fmt.extra.get("mean_pos_per_query") if fmt else None,
+        "neg_per_query": fmt.extra.get("mean_neg_per_query") if fmt else None,
+        "dropped_no_pos": fmt.extra.get("dropped_no_pos", 0) if fmt else 0,
+        "dropped_no_neg": fmt.extra.get("dropped_no_neg", 0) if fmt else 0,
+        "candidates": total,
+        "candidates_equal_to_source": same,
+        "source_candidate_fraction": (same / total) if total else 0.0,
+        "format_uri": ctx.stage("format").uri,
+    }
+
+
+def histogram_png(hist: dict[str, int], errors: int) -> bytes:
+    """Bar chart of annotation scores (1-5) plus the error rows, as PNG bytes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [str(k) for k in range(1, 6)] + ["error"]
+    values = [int(hist.get(str(k), 0)) for k in range(1, 6)] + [errors]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    bars = ax.bar(labels, values, color=["#b2182b", "#ef8a62", "#fddbc7", "#67a9cf", "#2166ac", "#999999"])
+    ax.bar_label(bars)
+    ax.set_xlabel("relevance score (>= 3: positive, <= 2: negative)")
+    ax.set_ylabel("annotated pairs")
+    ax.set_title("ReMixer annotation scores")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def write(ctx: Context) -> dict[str, Any]:
+    """Build the report and store report.json and score_histogram.png next to the stages."""
+    report = build(ctx)
+    loc = Location(ctx.run.child(STAGE_ROOT), ctx.cfg.storage)
+    loc.write_json("report.json", report)
+    loc.write_bytes("score_histogram.png", histogram_png(report["score_histogram"], report["annotation_errors"]))
+    report["report_uri"] = loc.child("report.json")
+    report["histogram_uri"] = loc.child("score_histogram.png")
+    return report
+
+
+def summary_lines(report: dict[str, Any]) -> list[str]:
+    """Human-readable lines for logs and the CLI."""
+    lines = []
+    for name, s in report["stages"].items():
+        line = f"{name:>13}: {s['rows_in']} in -> {s['rows_out']} out, {s['rows_error']} errors"
+        if s.get("errors_by_reason"):
+            line += f" {s['errors_by_reason']}"
+        if s.get("generated_tokens"):
+            line += f", {s['generated_tokens']} tokens at {s['tokens_per_s']} tok/s"
+        lines.append(line)
+    lines.append(f"scores {report['score_histogram']}, samples {report['samples']}, pos/query "
+                 f"{report['pos_per_query']}, neg/query {report['neg_per_query']}, candidates equal to source "
+                 f"{report['candidates_equal_to_source']}/{report['candidates']}")
+    return lines

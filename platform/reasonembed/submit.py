@@ -1,0 +1,413 @@
+"""`reasonembed submit <verb>`: run a job on a Ray cluster through the Job Submission API, and retry it when it fails.
+
+What one call does, in order (everything before step 4 happens offline, so bad input fails before any upload):
+
+1. validate the job config (plus dotted overrides) with the verb's pydantic model, as the job itself will;
+2. with ``cluster_spec``, check that every resource bundle the config asks for fits some node type
+   (``reasonembed.cluster_spec.check_resources``); otherwise the job would sit PENDING forever;
+3. make ``out`` usable on the cluster: a relative local ``out`` is made absolute for a cluster on this machine, and is
+   an error for a remote one (the job's working dir is a temporary copy that vanishes with it);
+4. reach the job API (one clear line when it cannot) and submit
+   ``python jobs/<verb>.py --config <config> <overrides>`` with
+   - ``runtime_env.working_dir`` = the checkout, minus venvs, runs, data, .git and caches;
+   - ``PYTHONPATH=platform`` (relative to that working dir) in the runtime env, so the driver and every worker
+     import the submitted ``platform/reasonembed`` ahead of any installed release;
+   - the driver on a CPU: ``entrypoint_num_cpus`` (and ``{driver: 1}`` when the cluster spec offers it);
+   - submission id ``reasonembed-<run_id>-<verb>-<attempt>``: deterministic, readable in `ray job list`, and new
+     per attempt because Ray refuses to reuse an id;
+5. follow the driver's logs with status lines, and on FAILED resubmit up to ``retries`` times. Ray Jobs never retry
+   by themselves; a resubmitted stage skips finished shards (resume by shard, DESIGN.md section 3), so a retry
+   costs only what was unfinished. A job of the same run and verb that is still running is followed, not duplicated.
+
+The same job also runs with plain Ray (see the YAML headers in cluster/):
+``ray job submit --address http://127.0.0.1:8265 --working-dir . -- python jobs/<verb>.py --config <config>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import re
+import shlex
+import socket
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from reasonembed.cluster_spec import ResourceMismatch, check_resources, declares
+from reasonembed.config import JOB_CONFIGS, ConfigError, job_config_class
+from reasonembed.config.base import apply_overrides, load_model, read_yaml
+from reasonembed.config.submit import SubmitOptions
+
+log = logging.getLogger("reasonembed.submit")
+
+LOOPBACK = {"127.0.0.1", "localhost", "::1", "0.0.0.0"}
+TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+ID_PREFIX = "reasonembed"
+
+
+class SubmitError(RuntimeError):
+    """Submission could not start (no cluster, bad paths); the message is meant to be shown as is."""
+
+
+class JobFailed(SubmitError):
+    """The job ran and did not succeed: FAILED after the retry budget, or STOPPED."""
+
+
+@dataclass
+class SubmitPlan:
+    """Everything needed to submit, computed offline by :func:`plan`."""
+
+    verb: str
+    run_id: str
+    run_root: str
+    entrypoint: str
+    runtime_env: dict[str, Any]
+    entrypoint_resources: dict[str, float]
+    overrides: list[str]
+
+
+@dataclass
+class SubmitResult:
+    """Outcome of :func:`submit`: the final status and every submission id used, oldest first."""
+
+    status: str
+    submission_ids: list[str] = field(default_factory=list)
+    run_root: str = ""
+
+    @property
+    def submission_id(self) -> str:
+        return self.submission_ids[-1]
+
+
+def base_submission_id(run_id: str, verb: str) -> str:
+    """``reasonembed-<run_id>-<verb>``, with anything outside ``[A-Za-z0-9._-]`` replaced (ids name log files)."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{run_id}-{verb}")
+    return f"{ID_PREFIX}-{safe}"
+
+
+def submission_id(run_id: str, verb: str, attempt: int) -> str:
+    """The id of attempt ``attempt`` (1-based) of ``verb`` in run ``run_id``: same inputs, same id."""
+    return f"{base_submission_id(run_id, verb)}-{attempt}"
+
+
+def _normalize_address(address: str) -> str:
+    address = address.strip().rstrip("/")
+    return address if "://" in address else f"http://{address}"
+
+
+def is_loopback(address: str) -> bool:
+    return (urlparse(_normalize_address(address)).hostname or "") in LOOPBACK
+
+
+def _job_config_dict(verb: str, config_path: Path, overrides: list[str]) -> dict[str, Any]:
+    """Validate with the verb's model when it has one (errors name the field); else read the YAML as is."""
+    if verb in JOB_CONFIGS:
+        try:
+            model = job_config_class(verb)
+        except ModuleNotFoundError:
+            model = None  # the verb's config module is not written yet: fall back to the raw mapping
+        if model is not None:
+            return load_model(model, config_path, overrides).model_dump(mode="json")
+    return apply_overrides(read_yaml(config_path), overrides)
+
+
+def plan(
+    verb: str,
+    config_path: str | Path,
+    overrides: Sequence[str] = (),
+    options: SubmitOptions | None = None,
+    script: str | None = None,
+) -> SubmitPlan:
+    """Steps 1-3 of the module docstring plus the entrypoint and runtime env; raises ConfigError or SubmitError."""
+    opts = options or SubmitOptions()
+    overrides = list(overrides)
+    wd = Path(opts.working_dir).resolve()
+    script = script or f"jobs/{verb}.py"
+    if not (wd / script).is_file():
+        raise SubmitError(f"{script} not found under {wd}: run from the repository root or pass --working-dir")
+    cfg_path = Path(config_path).resolve()
+    try:
+        cfg_rel = cfg_path.relative_to(wd)
+    except ValueError:
+        raise SubmitError(
+            f"config {config_path} is outside the uploaded working dir {wd}; put it under {wd}/configs/"
+        ) from None
+    # The same matcher Ray's packager uses on the working dir (gitwildmatch over paths relative to it).
+    from ray._private.thirdparty.pathspec import PathSpec
+
+    spec = PathSpec.from_lines("gitwildmatch", opts.excludes)
+    if any(spec.match_file(str(Path(*cfg_rel.parts[:i]))) for i in range(1, len(cfg_rel.parts) + 1)):
+        raise SubmitError(f"config {cfg_rel} is excluded from the upload (excludes: {', '.join(opts.excludes)}); "
+                          "move it to configs/")
+    cfg = _job_config_dict(verb, cfg_path, overrides)
+
+    if opts.cluster_spec:
+        check_resources(cfg, opts.cluster_spec)
+    entry_res = opts.entrypoint_resources
+    if entry_res is None:
+        entry_res = {"driver": 1.0} if opts.cluster_spec and declares(opts.cluster_spec, "driver") else {}
+    if opts.cluster_spec and entry_res:
+        check_resources({"entrypoint_resources": entry_res, "num_cpus": opts.entrypoint_num_cpus},
+                        opts.cluster_spec)
+
+    run_id = str(cfg.get("run_id") or "run")
+    out = cfg.get("out")
+    if isinstance(out, str) and "://" not in out and not Path(out).is_absolute():
+        if not is_loopback(opts.address):
+            raise SubmitError(
+                f"out={out!r} is a relative local path: on the remote cluster at {opts.address} it would land in "
+                "the job's temporary working dir and vanish with it; set out=s3://<bucket>/<prefix> (or a path on a "
+                "filesystem every node mounts)"
+            )
+        # Same machine: mean the folder the user sees, not the job's temporary copy of the working dir.
+        out = str((wd / out).resolve())
+        overrides.append(f"out={out}")
+    run_root = f"{str(out).rstrip('/')}/{run_id}" if out else run_id
+
+    entrypoint = shlex.join([opts.python, script, "--config", str(cfg_rel), *overrides])
+    env = {k: v for k, v in os.environ.items() if k.startswith("REASONEMBED_")}
+    env.update(opts.env_vars)
+    if (wd / "platform" / "reasonembed" / "__init__.py").is_file():
+        # The library of the same checkout as jobs/: Ray starts the driver and every worker in the unpacked working
+        # dir and puts it first on PYTHONPATH, followed by this entry, ahead of any installed release. (Not
+        # py_modules: Ray applies `excludes` inside each module too, so a "data" pattern would drop reasonembed/data.)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in ("platform", opts.env_vars.get("PYTHONPATH")) if p)
+    runtime_env: dict[str, Any] = {"working_dir": str(wd), "excludes": list(opts.excludes)}
+    if env:
+        runtime_env["env_vars"] = env
+    return SubmitPlan(verb, run_id, run_root, entrypoint, runtime_env, entry_res, overrides)
+
+
+def connect(address: str, timeout_s: float = 5.0):
+    """A ``JobSubmissionClient`` for ``address``; an unreachable or non-Ray address is one SubmitError line."""
+    address = _normalize_address(address)
+    url = urlparse(address)
+    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    if not host:
+        raise SubmitError(f"--address {address!r} has no host; expected e.g. http://127.0.0.1:8265")
+    hint = ("start one with `ray start --head --dashboard-host 127.0.0.1`, open a tunnel with "
+            "`ray dashboard cluster/aws-gpu.yaml`, or pass --address")
+    # A TCP probe with a timeout first: the SDK's requests have none, and a firewalled host hangs for minutes.
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise SubmitError(f"cannot reach the Ray job API at {address} ({reason}); {hint}") from None
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        return JobSubmissionClient(address)
+    except (ConnectionError, RuntimeError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SubmitError(f"{address} answers but is not a usable Ray job API ({first}); {hint}") from None
+
+
+def _existing_attempts(client, base: str) -> dict[int, str]:
+    """Attempt number -> status of earlier submissions of the same run and verb."""
+    pattern = re.compile(re.escape(base) + r"-(\d+)$")
+    found = {}
+    for job in client.list_jobs():
+        m = pattern.match(job.submission_id or "")
+        if m:
+            found[int(m.group(1))] = str(job.status.value if hasattr(job.status, "value") else job.status)
+    return found
+
+
+def last_error_line(logs: str, fallback: str = "") -> str:
+    """The most telling line of a failed driver's log: the last exception line, else the last non-empty line."""
+    lines = [ln.strip() for ln in logs.splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if re.match(r"^[\w.]*(Error|Exception|Interrupt|Exit)\b.*", ln):
+            return ln[:400]
+    return (lines[-1] if lines else fallback)[:400]
+
+
+def _wait(client, sid: str, opts: SubmitOptions, echo: Callable[[str], None]) -> str:
+    """Block until ``sid`` ends; stream its logs when ``opts.follow``. Returns the final status name."""
+    start = time.monotonic()
+
+    async def poll() -> str:
+        last = None
+        while True:
+            status = str((await asyncio.to_thread(client.get_job_status, sid)).value)
+            if status != last:
+                echo(f"[reasonembed submit] {sid}: {status} after {time.monotonic() - start:.0f} s")
+                last = status
+            if status in TERMINAL:
+                return status
+            await asyncio.sleep(opts.poll_interval_s)
+
+    async def tail() -> None:
+        async for chunk in client.tail_job_logs(sid):
+            for line in chunk.splitlines():
+                echo(line)
+
+    async def run() -> str:
+        tail_task = asyncio.create_task(tail()) if opts.follow else None
+        status = await poll()
+        if tail_task is not None:
+            # The log stream closes by itself once the job ends; give it a moment to flush the last lines.
+            try:
+                await asyncio.wait_for(tail_task, timeout=15)
+            except (asyncio.TimeoutError, RuntimeError) as exc:
+                tail_task.cancel()
+                log.debug("log tail of %s ended early: %s", sid, exc)
+        return status
+
+    return asyncio.run(run())
+
+
+def submit(
+    verb: str,
+    config_path: str | Path,
+    address: str | None = None,
+    overrides: Sequence[str] = (),
+    retries: int | None = None,
+    follow: bool = True,
+    *,
+    cluster_spec: str | None = None,
+    script: str | None = None,
+    options: SubmitOptions | None = None,
+    echo: Callable[[str], None] | None = None,
+) -> SubmitResult:
+    """Submit ``jobs/<verb>.py --config <config_path> <overrides>`` and wait, resubmitting a FAILED job.
+
+    Args:
+        verb: job name (encode, evaluate, synthesize, train, pipeline, ...); the script is ``jobs/<verb>.py``.
+        config_path: the job's YAML config, inside the working dir (it travels with the upload).
+        address: job API address (default RAY_API_SERVER_ADDRESS, else http://127.0.0.1:8265).
+        overrides: dotted ``key=value`` overrides, passed to the job and checked here first.
+        retries: resubmissions after FAILED (default 2); each resumes by shard.
+        follow: stream the driver's logs.
+        cluster_spec: cluster YAML whose node types must cover the config's resource requests.
+        script: entrypoint script relative to the working dir, instead of ``jobs/<verb>.py``.
+        options: every other knob (:class:`SubmitOptions`); the explicit arguments above win over it.
+        echo: where progress and log lines go (default: stdout).
+
+    Returns the final :class:`SubmitResult` (status SUCCEEDED, or PENDING/RUNNING when ``options.wait`` is False).
+    Raises ConfigError (bad config, ResourceMismatch) or SubmitError (unreachable, failed after the budget).
+    """
+    updates: dict[str, Any] = {"follow": follow}
+    if address is not None:
+        updates["address"] = address
+    if retries is not None:
+        updates["retries"] = retries
+    if cluster_spec is not None:
+        updates["cluster_spec"] = cluster_spec
+    opts = SubmitOptions.model_validate({**(options or SubmitOptions()).model_dump(), **updates})
+    echo = echo or (lambda line: print(line, flush=True))
+
+    p = plan(verb, config_path, overrides, opts, script=script)
+    client = connect(opts.address, opts.connect_timeout_s)
+    base = base_submission_id(p.run_id, verb)
+    earlier = _existing_attempts(client, base)
+    result = SubmitResult(status="PENDING", run_root=p.run_root)
+    attempt = max(earlier, default=0) + 1
+    running = sorted(n for n, st in earlier.items() if st not in TERMINAL)
+    if running:
+        # Never run two drivers of the same stage at once: they would race on the same shards.
+        sid = f"{base}-{running[-1]}"
+        echo(f"[reasonembed submit] {sid} is already {earlier[running[-1]]}; following it instead of resubmitting")
+    else:
+        sid = None
+    while True:
+        if sid is None:
+            sid = f"{base}-{attempt}"
+            echo(f"[reasonembed submit] submitting {sid} to {opts.address}: {p.entrypoint}")
+            client.submit_job(
+                entrypoint=p.entrypoint,
+                submission_id=sid,
+                runtime_env=p.runtime_env,
+                entrypoint_num_cpus=opts.entrypoint_num_cpus,
+                entrypoint_num_gpus=opts.entrypoint_num_gpus or None,
+                entrypoint_resources=p.entrypoint_resources or None,
+                metadata={"reasonembed_verb": verb, "reasonembed_run_id": p.run_id, "attempt": str(attempt)},
+            )
+            attempt += 1
+        result.submission_ids.append(sid)
+        if not opts.wait:
+            result.status = str(client.get_job_status(sid).value)
+            return result
+        result.status = _wait(client, sid, opts, echo)
+        if result.status == "SUCCEEDED":
+            return result
+        info = client.get_job_info(sid)
+        reason = last_error_line(client.get_job_logs(sid), fallback=info.message or "")
+        if result.status == "STOPPED":
+            raise JobFailed(f"{sid} was stopped ({reason}); not retried. Resubmit to resume by shard.")
+        n = len(result.submission_ids)
+        if n > opts.retries:
+            raise JobFailed(
+                f"{verb} failed {n} time(s), retry budget ({opts.retries}) used up; last error: {reason} | "
+                f"driver log: `ray job logs {sid} --address {opts.address}` | finished stages and shards are kept "
+                f"under {p.run_root}/; the failing stage's error rows are in {p.run_root}/<stage>/errors/"
+            )
+        echo(f"[reasonembed submit] {sid} FAILED ({reason}); retry {n}/{opts.retries}: finished shards are kept "
+             "and skipped")
+        sid = None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The `submit` subcommand's arguments (for the CLI's subparser)."""
+    parser.add_argument("verb", help="job to run: jobs/<verb>.py (encode, evaluate, synthesize, train, pipeline)")
+    parser.add_argument("--config", required=True, help="job config YAML inside the working dir")
+    parser.add_argument("--address", default=None,
+                        help="Ray job API (default: $RAY_API_SERVER_ADDRESS or http://127.0.0.1:8265)")
+    parser.add_argument("--retries", type=int, default=None, help="resubmissions after a failure (default 2)")
+    parser.add_argument("--cluster-spec", default=None,
+                        help="cluster YAML to check the config's resource requests against before submitting")
+    parser.add_argument("--working-dir", default=".", help="folder uploaded as the job's working dir (default .)")
+    parser.add_argument("--no-follow", action="store_true", help="do not stream the driver's logs")
+    parser.add_argument("--no-wait", action="store_true", help="submit once and return (no retries)")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value config overrides")
+    return parser
+
+
+def submit_cli(args: argparse.Namespace | Sequence[str]) -> int:
+    """Entry of `reasonembed submit`: 0 on success, 1 if the job failed, 2 on bad input or no cluster."""
+    if not isinstance(args, argparse.Namespace):
+        args = add_arguments(argparse.ArgumentParser(prog="reasonembed submit")).parse_args(list(args))
+    try:
+        opts = SubmitOptions(working_dir=args.working_dir, wait=not args.no_wait)
+        result = submit(args.verb, args.config, address=args.address, overrides=args.overrides,
+                        retries=args.retries, follow=not args.no_follow, cluster_spec=args.cluster_spec,
+                        options=opts)
+    except JobFailed as exc:
+        print(f"reasonembed submit: {exc}", file=sys.stderr)
+        return 1
+    except (ConfigError, SubmitError) as exc:
+        print(f"reasonembed submit: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("reasonembed submit: interrupted; the job keeps running (stop it with `ray job stop <id>`)",
+              file=sys.stderr)
+        return 130
+    print(f"reasonembed submit: {result.submission_id} {result.status}; outputs under {result.run_root}/")
+    return 0
+
+
+__all__ = [
+    "JobFailed",
+    "ResourceMismatch",
+    "SubmitError",
+    "SubmitPlan",
+    "SubmitResult",
+    "add_arguments",
+    "base_submission_id",
+    "check_resources",
+    "connect",
+    "is_loopback",
+    "last_error_line",
+    "plan",
+    "submission_id",
+    "submit",
+    "submit_cli",
+]

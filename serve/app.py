@@ -1,0 +1,398 @@
+"""Ray Serve application: HTTP routes (``EmbeddingAPI``) in front of model replicas (``EmbeddingModel``).
+
+Routes:
+- ``POST /v1/embeddings`` (OpenAI shape), ``POST /v1/search`` (FAISS over an encode output), ``GET /v1/models``;
+- ``GET /health``: liveness (the ingress answers); ``GET /ready``: readiness (a warmed-up model replica answered
+  within ``limits.request_timeout_s``, and the index, if configured, is loaded and matches the model);
+- ``GET /metrics``: this node's ``ray_reasonembed_*`` Prometheus series (Ray exports them on every node).
+
+Request flow: ``RequestGate`` (API key 401, body size 413) -> FastAPI/pydantic (422 naming the field) -> route
+(limits 413, model/dimensions/prompt checks 400/404) -> ``EmbeddingModel.embed`` through a deployment handle, where
+inputs are tokenised and packed into token-budget batches with ``@serve.batch`` -> JSON. Backpressure (too many
+queued requests) and timeouts become 503/429 with ``Retry-After``; nothing else may produce a 5xx.
+
+Entry points: ``build_app(args)`` for ``serve run``/``serve deploy`` (import path ``app:build_app``, see
+serve/config.yaml) and ``serve/launch.py`` for ``reasonembed serve``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import cloudpickle
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from ray import serve
+from ray.serve.exceptions import BackPressureError
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import protocol  # noqa: E402
+from protocol import EmbeddingRequest, ErrorResponse, SearchRequest  # noqa: E402
+
+from reasonembed.config.base import ConfigError, apply_overrides, format_validation_error, read_yaml  # noqa: E402
+from reasonembed.config.serve import ServeJobConfig  # noqa: E402
+from reasonembed.serving import INGRESS_DEPLOYMENT, MODEL_DEPLOYMENT  # noqa: E402
+from reasonembed.serving.auth import load_api_key  # noqa: E402
+from reasonembed.serving.batcher import make_batcher  # noqa: E402
+from reasonembed.serving.engine import THREADED_TOKENIZE_CHARS, Chunk, EmbedCall, EmbeddingEngine  # noqa: E402
+from reasonembed.serving.errors import (  # noqa: E402
+    InvalidRequest,
+    NotFound,
+    NotReady,
+    Overloaded,
+    PayloadTooLarge,
+    SchemaError,
+    ServingError,
+)
+from reasonembed.serving.gate import GateSettings, RequestGate, configure_gate  # noqa: E402
+from reasonembed.serving.metrics import ModelMetrics, api_metrics, local_metrics_text  # noqa: E402
+from reasonembed.serving.search import Retriever  # noqa: E402
+from reasonembed.serving.vectors import matryoshka, wire_vectors  # noqa: E402
+
+# Replicas unpickle these classes without importing serve/ (it is not an installed package), so pickle this module
+# and protocol.py by value; only the builder process must be able to import them.
+cloudpickle.register_pickle_by_value(protocol)
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+log = logging.getLogger("reasonembed.serve")
+DOCUMENT_PROMPTS = ("document", "passage")
+
+
+# ---- model replicas --------------------------------------------------------------------------------------------
+@serve.deployment(name=MODEL_DEPLOYMENT)
+class EmbeddingModel:
+    """One model replica: tokenises with the serving policies and runs token-budget batches across requests."""
+
+    def __init__(self, cfg: dict[str, Any]):
+        self.cfg = ServeJobConfig.model_validate(cfg)
+        emb = self.cfg.embedder
+        if emb.num_threads is None and self.cfg.replica.num_gpus == 0 and self.cfg.replica.num_cpus >= 1:
+            emb = emb.model_copy(update={"num_threads": int(self.cfg.replica.num_cpus)})
+        self.engine = EmbeddingEngine(emb, self.cfg.batching)
+        self.engine.warmup()  # Serve routes traffic to a replica only after its constructor returns
+        self.metrics = ModelMetrics()
+        self.batches = {"batches": 0, "rows": 0, "max_rows": 0, "max_padded_tokens": 0}
+        self._run = make_batcher(self.engine, self._on_batch)
+
+    def _on_batch(self, stats) -> None:
+        self.metrics.on_batch(stats)
+        b = self.batches
+        b["batches"] += 1
+        b["rows"] += stats.rows
+        b["max_rows"] = max(b["max_rows"], stats.rows)
+        b["max_padded_tokens"] = max(b["max_padded_tokens"], stats.padded_tokens)
+
+    async def embed(self, call: EmbedCall):
+        """Embed one request; its chunks join Serve batches with other requests' chunks.
+
+        A client error (bad token id, over-length input with truncate=false) is *returned*, not raised: it is the
+        caller's problem, so it should not count as a replica error in Serve's metrics and logs.
+        """
+        try:
+            if call.n_chars() > THREADED_TOKENIZE_CHARS:
+                ids, flags = await asyncio.to_thread(self.engine.prepare, call)
+            else:
+                ids, flags = self.engine.prepare(call)
+        except ServingError as exc:
+            return exc
+        plan = self.engine.plan(ids)
+        parts = await asyncio.gather(*(self._run(Chunk([ids[i] for i in idx])) for idx in plan))
+        return self.engine.assemble(ids, flags, plan, parts)
+
+    def describe(self) -> dict:
+        return self.engine.describe()
+
+    def status(self) -> dict:
+        s = self.engine.status
+        return {"ready": s.ready, "warmup_s": s.warmup_s, "warmup_lengths": s.warmup_lengths,
+                "token_budget": self.engine.token_budget, "batch_stats": dict(self.batches)}
+
+    def check_health(self) -> None:
+        if not self.engine.status.ready:
+            raise RuntimeError("model replica is not warmed up")
+
+
+# ---- HTTP ingress ----------------------------------------------------------------------------------------------
+api = FastAPI(
+    title="reasonembed",
+    summary="OpenAI-compatible embeddings and FAISS search for ReasonEmbed models.",
+    responses={code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 422, 429, 503)},
+)
+api.add_middleware(RequestGate)
+
+
+def _param(loc: tuple) -> str:
+    """('body', 'input', 3) -> 'input[3]'."""
+    out = ""
+    for p in loc[1:] if loc and loc[0] == "body" else loc:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out or "body"
+
+
+def _line(param: str, msg: str) -> str:
+    """'param: msg', unless the message already starts with the field (our validators name the item)."""
+    return msg if msg.startswith((param + " ", param + "[")) else f"{param}: {msg}"
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    problems = []
+    for e in exc.errors():
+        msg = str(e.get("msg", "")).removeprefix("Value error, ")
+        if e.get("type") == "json_invalid":
+            msg = f"body is not valid JSON ({e.get('ctx', {}).get('error', msg)})"
+            problems.append(("body", msg))
+        elif e.get("type") == "extra_forbidden":
+            problems.append((_param(tuple(e["loc"])), "unknown field (see /docs for the request schema)"))
+        else:
+            problems.append((_param(tuple(e["loc"])), msg))
+    err = SchemaError("; ".join(_line(p, m) for p, m in problems), param=problems[0][0] if problems else None)
+    api_metrics().observe(_endpoint(request), err.status, 0.0)
+    return JSONResponse(err.body(), status_code=err.status)
+
+
+@api.exception_handler(ServingError)
+async def _serving_error(request: Request, exc: ServingError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+
+def _endpoint(request: Request) -> str:
+    return request.url.path.rsplit("/", 1)[-1] or "root"
+
+
+def _json(obj: dict, status: int = 200) -> Response:
+    return Response(json.dumps(obj, separators=(",", ":")), status_code=status, media_type="application/json")
+
+
+@serve.deployment(name=INGRESS_DEPLOYMENT)
+@serve.ingress(api)
+class EmbeddingAPI:
+    """HTTP ingress: protocol, auth, limits, search; the model runs in ``EmbeddingModel`` replicas."""
+
+    async def __init__(self, model, cfg: dict[str, Any]):
+        self.cfg = ServeJobConfig.model_validate(cfg)
+        self.limits = self.cfg.limits
+        configure_gate(GateSettings(load_api_key(self.cfg.auth), self.limits.max_body_bytes))
+        self.model = model
+        self.encoder = await model.describe.remote()  # waits for a warmed-up model replica
+        self.name = self.cfg.served_model_name or self.cfg.embedder.model
+        self.aliases = {self.name, self.cfg.embedder.model, self.encoder["model_name"]}
+        self.created = int(time.time())
+        self.retriever = None
+        if self.cfg.index:
+            self.retriever = await asyncio.to_thread(Retriever.load, self.cfg.index, self.cfg.storage)
+            self.retriever.check_compatible(self.encoder)  # IndexMismatchError fails the deployment, loudly
+        self.metrics = api_metrics()
+
+    # -- helpers --
+    def _check_model(self, model: str | None) -> None:
+        if model is not None and model not in self.aliases:
+            raise NotFound(f"model {model!r} is not served here; this service serves {self.name!r} (see /v1/models)",
+                           param="model", code="model_not_found")
+
+    def _task(self, instruction: str | None, prompt_name: str | None, default_query: bool) -> tuple[bool, str | None]:
+        """(is_query, instruction) from the request's instruction / prompt_name."""
+        if instruction is not None:
+            return True, instruction
+        if prompt_name is None:
+            return default_query, None
+        if prompt_name == "query":
+            return True, None  # the embedder's configured query instruction
+        if prompt_name in DOCUMENT_PROMPTS:
+            return False, None
+        if prompt_name in self.cfg.prompts:
+            return True, self.cfg.prompts[prompt_name]
+        known = ", ".join(sorted({"query", *DOCUMENT_PROMPTS, *self.cfg.prompts}))
+        raise InvalidRequest(f"unknown prompt_name {prompt_name!r}; known: {known}", param="prompt_name")
+
+    def _check_sizes(self, items: list, field: str) -> None:
+        lim = self.limits
+        if len(items) > lim.max_inputs_per_request:
+            raise PayloadTooLarge(f"{field} has {len(items)} items; the limit is {lim.max_inputs_per_request} "
+                                  "(limits.max_inputs_per_request): split the request", param=field)
+        for i, x in enumerate(items):
+            if len(x) > lim.max_chars_per_input:
+                unit = "characters" if isinstance(x, str) else "token ids"
+                raise PayloadTooLarge(f"{field}[{i}] has {len(x)} {unit}; the limit is {lim.max_chars_per_input} "
+                                      "(limits.max_chars_per_input)", param=f"{field}[{i}]")
+
+    async def _embed(self, call: EmbedCall):
+        try:
+            reply = await asyncio.wait_for(self.model.embed.remote(call), timeout=self.limits.request_timeout_s)
+        except BackPressureError as exc:
+            raise Overloaded(f"model replicas are saturated ({exc}); retry later", self.limits.retry_after_s,
+                             self.limits.overload_status) from None
+        except asyncio.TimeoutError:
+            raise Overloaded(f"no model replica answered within {self.limits.request_timeout_s:g} s; retry later",
+                             self.limits.retry_after_s) from None
+        if isinstance(reply, ServingError):
+            raise reply
+        return reply
+
+    def _usage(self, reply) -> dict:
+        tokens = reply.total_tokens
+        return {"prompt_tokens": tokens, "total_tokens": tokens, "truncated_inputs": int(sum(reply.truncated))}
+
+    # -- routes --
+    @api.post("/v1/embeddings", response_model=protocol.EmbeddingResponse)
+    async def embeddings(self, body: EmbeddingRequest) -> Response:
+        t0 = time.perf_counter()
+        status, reply = 200, None
+        try:
+            self._check_model(body.model)
+            texts, ids = body.texts(), body.token_ids()
+            self._check_sizes(texts if texts is not None else ids, "input")
+            dim = int(self.encoder["dim"])
+            if body.dimensions is not None and body.dimensions > dim:
+                raise InvalidRequest(f"dimensions {body.dimensions} exceeds the model's dimension {dim}",
+                                     param="dimensions")
+            is_query, instruction = self._task(body.instruction, body.prompt_name, default_query=False)
+            if ids is not None and is_query:
+                raise InvalidRequest("prompt_name cannot format token-id input (format the text before tokenising)",
+                                     param="prompt_name")
+            reply = await self._embed(EmbedCall(texts=texts, ids=ids, is_query=is_query, instruction=instruction,
+                                                truncate=body.truncate))
+            vectors = wire_vectors(matryoshka(reply.embeddings, body.dimensions), body.encoding_format)
+            return _json({"object": "list",
+                          "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)],
+                          "model": self.name, "usage": self._usage(reply)})
+        except ServingError as exc:
+            status = exc.status
+            raise
+        finally:
+            self.metrics.observe("embeddings", status, (time.perf_counter() - t0) * 1000,
+                                 inputs=len(reply.n_tokens) if reply else 0, tokens=reply.total_tokens if reply else 0,
+                                 truncated=int(sum(reply.truncated)) if reply else 0)
+
+    @api.post("/v1/search", response_model=protocol.SearchResponse)
+    async def search(self, body: SearchRequest) -> Response:
+        t0 = time.perf_counter()
+        status, reply = 200, None
+        try:
+            self._check_model(body.model)
+            if self.retriever is None:
+                raise NotFound("no index is loaded: start the service with --index <encode output folder>",
+                               code="no_index")
+            queries = body.queries()
+            self._check_sizes(queries, "query")
+            if body.top_k > self.limits.max_top_k:
+                raise InvalidRequest(f"top_k {body.top_k} exceeds limits.max_top_k {self.limits.max_top_k}",
+                                     param="top_k")
+            excluded = body.excluded_ids
+            if excluded is not None and excluded and isinstance(excluded[0], list):
+                if len(excluded) != len(queries):
+                    raise InvalidRequest(f"excluded_ids has {len(excluded)} lists for {len(queries)} queries; send "
+                                         "one list per query or one flat list for all", param="excluded_ids")
+                n_excluded = sum(len(x) for x in excluded)
+            else:
+                n_excluded = len(excluded or [])
+                excluded = [excluded or []] * len(queries)
+            if n_excluded > self.limits.max_excluded_ids:
+                raise PayloadTooLarge(f"excluded_ids has {n_excluded} ids; the limit is "
+                                      f"{self.limits.max_excluded_ids} (limits.max_excluded_ids)", param="excluded_ids")
+            is_query, instruction = self._task(body.instruction, body.prompt_name, default_query=True)
+            reply = await self._embed(EmbedCall(texts=queries, is_query=is_query, instruction=instruction))
+            hits = await asyncio.to_thread(self.retriever.search, reply.embeddings, body.top_k, excluded,
+                                           body.return_text)
+            data = [{"index": i, "hits": [{"doc_id": h.doc_id, "score": h.score,
+                                           **({"text": h.text} if body.return_text else {})} for h in row]}
+                    for i, row in enumerate(hits)]
+            return _json({"object": "list", "data": data, "model": self.name, "usage": self._usage(reply)})
+        except ServingError as exc:
+            status = exc.status
+            raise
+        finally:
+            self.metrics.observe("search", status, (time.perf_counter() - t0) * 1000,
+                                 inputs=len(reply.n_tokens) if reply else 0, tokens=reply.total_tokens if reply else 0)
+
+    @api.get("/v1/models", response_model=protocol.ModelList)
+    async def models(self) -> Response:
+        card = {"id": self.name, "object": "model", "created": self.created, "owned_by": "reasonembed",
+                "dim": self.encoder["dim"], "max_length": self.encoder["max_length"],
+                "pooling": self.encoder["pooling"]}
+        return _json({"object": "list", "data": [card]})
+
+    @api.get("/health")
+    async def health(self) -> Response:
+        """Liveness: this process serves HTTP (says nothing about the model)."""
+        return _json({"status": "alive"})
+
+    @api.get("/ready")
+    async def ready(self) -> Response:
+        """Readiness: a warmed-up model replica answers, and the index (if any) is loaded."""
+        try:
+            status = await asyncio.wait_for(self.model.status.remote(), timeout=min(5.0, self.limits.request_timeout_s))
+        except (asyncio.TimeoutError, BackPressureError):
+            status = {"ready": False}
+        if not status.get("ready"):
+            err = NotReady("no warmed-up model replica is available yet", self.limits.retry_after_s)
+            return JSONResponse(err.body(), status_code=503, headers=err.headers)
+        return _json({"status": "ready", "model": self.name, **status,
+                      "index": self.retriever.describe() if self.retriever else None})
+
+    @api.get("/metrics")
+    async def metrics(self) -> Response:
+        return PlainTextResponse(await asyncio.to_thread(local_metrics_text),
+                                 media_type="text/plain; version=0.0.4")
+
+
+# ---- application builder ---------------------------------------------------------------------------------------
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def config_from_args(args: dict[str, Any] | ServeJobConfig | None) -> ServeJobConfig:
+    """A ServeJobConfig from builder args: ``config`` (YAML path), ``overrides`` (``a.b=c`` list), dotted keys
+    (``serve run app:build_app embedder.model=minilm``) and nested fields, applied in that order."""
+    if isinstance(args, ServeJobConfig):
+        return args
+    args = dict(args or {})
+    path = args.pop("config", None)
+    overrides = list(args.pop("overrides", None) or [])
+    dotted = [f"{k}={v}" for k, v in args.items() if "." in k]
+    nested = {k: v for k, v in args.items() if "." not in k}
+    data = apply_overrides(_merge(read_yaml(path) if path else {}, nested), overrides + dotted)
+    try:
+        return ServeJobConfig.model_validate(data)
+    except Exception as exc:  # pydantic ValidationError -> one line per field path
+        if hasattr(exc, "errors"):
+            raise ConfigError(format_validation_error(exc, str(path or "serve args"))) from exc
+        raise
+
+
+def build_app(args: dict[str, Any] | ServeJobConfig | None = None):
+    """The Serve application (``serve run app:build_app``, ``serve deploy serve/config.yaml``, launch.py)."""
+    cfg = config_from_args(args)
+    data = cfg.model_dump(mode="json")
+    a, r, lim = cfg.autoscaling, cfg.replica, cfg.limits
+    actor: dict[str, Any] = {"num_cpus": r.num_cpus, "num_gpus": r.num_gpus}
+    if r.accelerator_type:
+        actor["accelerator_type"] = r.accelerator_type
+    model = EmbeddingModel.options(
+        ray_actor_options=actor,
+        autoscaling_config={"min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
+                            "initial_replicas": max(1, a.min_replicas),
+                            "target_ongoing_requests": a.target_ongoing_requests,
+                            "upscale_delay_s": a.upscale_delay_s, "downscale_delay_s": a.downscale_delay_s},
+        max_ongoing_requests=r.max_ongoing_requests,
+        max_queued_requests=lim.max_queued_requests,
+        max_constructor_retry_count=2,
+    ).bind(data)
+    return EmbeddingAPI.options(
+        num_replicas=r.ingress_replicas,
+        ray_actor_options={"num_cpus": r.ingress_num_cpus},
+        max_ongoing_requests=r.ingress_max_ongoing_requests,
+        max_queued_requests=lim.max_queued_requests,
+        backpressure_config={"status_code": lim.overload_status, "retry_after_s": lim.retry_after_s},
+        max_constructor_retry_count=2,
+    ).bind(model, data)

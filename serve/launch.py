@@ -1,0 +1,120 @@
+"""`reasonembed serve`: run the embedding service on 127.0.0.1:<port> until interrupted.
+
+    reasonembed serve --model minilm --port 8000 [--index runs/<run>/encode] [--api-key-file key.txt] [a.b=c ...]
+    python serve/launch.py --config configs/serve/local-tiny.yaml port=8011
+
+Attaches to RAY_ADDRESS / ray.address when set, else starts a private local Ray cluster bound to 127.0.0.1. On
+Ctrl-C or SIGTERM the application is deleted (and a private cluster shut down). Exit codes: 0 after a clean stop,
+2 for config errors (the message names the field path), 1 when the application fails to start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from reasonembed.config.base import ConfigError, load_model  # noqa: E402
+from reasonembed.config.serve import ServeJobConfig  # noqa: E402
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="reasonembed serve", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", help="YAML config (e.g. configs/serve/local-tiny.yaml); defaults apply without it")
+    ap.add_argument("--model", help="model reference: minilm, tiny-qwen3, a folder or a hub name")
+    ap.add_argument("--port", type=int, help="HTTP port on 127.0.0.1")
+    ap.add_argument("--index", help="encode output folder (or index folder) for /v1/search; local or s3://")
+    ap.add_argument("--api-key-file", dest="api_key_file", help="file holding the bearer API key")
+    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. batching.max_batch_size=64")
+    return ap.parse_args(argv)
+
+
+def load_config(ns: argparse.Namespace) -> ServeJobConfig:
+    """Config file, then flags (mapped by ServeJobConfig.FLAGS), then dotted overrides."""
+    flags = [f"{field}={getattr(ns, flag)}" for flag, field in ServeJobConfig.FLAGS.items()
+             if getattr(ns, flag, None) is not None]
+    for item in ns.overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. port=8001")
+    return load_model(ServeJobConfig, ns.config, flags + list(ns.overrides))
+
+
+def preflight(cfg: ServeJobConfig) -> None:
+    """Fail before starting Ray on problems the user can fix from the command line."""
+    from reasonembed.serving.auth import AuthConfigError, load_api_key
+    from reasonembed.serving.search import resolve_index_uri
+
+    try:
+        load_api_key(cfg.auth)
+    except AuthConfigError as exc:
+        raise ConfigError(str(exc)) from exc
+    if cfg.index:
+        try:
+            resolve_index_uri(cfg.index, cfg.storage)
+        except FileNotFoundError as exc:
+            raise ConfigError(str(exc)) from exc
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = load_config(ns)
+        preflight(cfg)
+    except ConfigError as exc:
+        print(f"config error:\n{exc}", file=sys.stderr)
+        return 2
+
+    import ray
+    from ray import serve
+
+    from reasonembed.runtime import connect_ray, setup_logging
+    from reasonembed.serving.auth import load_api_key
+    from reasonembed.serving.runner import start_serve, wait_ready
+
+    setup_logging()
+    owns_cluster = not ray.is_initialized() and not (cfg.ray.address or os.environ.get("RAY_ADDRESS"))
+    connect_ray(cfg.ray)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    deployed = False
+    try:
+        port = start_serve(cfg.host, cfg.port)
+        if port != cfg.port:
+            print(f"error: Serve is already running on this cluster with port {port}, not {cfg.port}; "
+                  f"use --port {port}", file=sys.stderr)
+            return 1
+        from app import build_app
+
+        try:
+            serve.run(build_app(cfg), name=cfg.app_name, route_prefix=cfg.route_prefix)
+            deployed = True
+            base = f"http://{cfg.host}:{port}"
+            info = wait_ready(base, timeout_s=600, api_key=load_api_key(cfg.auth))
+        except Exception as exc:  # deployment failures arrive as several Ray exception types
+            print(f"error: the application failed to start: {exc}", file=sys.stderr)
+            return 1
+        print(f"reasonembed serve: {info['model']} ready on {base} (OpenAI base_url {base}/v1"
+              f"{', search on ' + info['index']['uri'] if info.get('index') else ''}); Ctrl-C to stop", flush=True)
+        while not stop.wait(1.0):
+            pass
+        print("reasonembed serve: stopping", flush=True)
+        return 0
+    finally:
+        if deployed:
+            try:
+                serve.delete(cfg.app_name)
+            except Exception as exc:  # shutting down anyway; report and go on
+                print(f"warning: could not delete the application: {exc}", file=sys.stderr)
+        if owns_cluster:
+            serve.shutdown()
+            ray.shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
