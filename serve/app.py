@@ -25,11 +25,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import cloudpickle
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
-from ray import serve
+from ray import cloudpickle, serve
 from ray.serve.exceptions import BackPressureError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -1,8 +1,9 @@
 """reasonembed.llm + reasonembed.config.llm: vLLM (CPU build) through ray.data.llm on the tiny Qwen3.
 
-Fast tests check configs, request building and the length pre-filter. The `slow` ones share ONE Ray Data run
-(one engine start, ~1 min on 2 cores) over 24 normal rows, over-long rows, a bad row and a request that only vLLM
-itself rejects, and check that every row comes back with text or a recorded error.
+Fast tests check configs, request building and the length pre-filter without Ray. The `slow` ones run Ray Data:
+the pre-filter alone, then ONE shared engine run (one engine start, about a minute on 2 idle cores) over 24
+normal rows, over-long rows, a bad row and a request that only vLLM itself rejects, checking that every row comes
+back with text or a recorded error.
 """
 
 from __future__ import annotations
@@ -173,6 +174,7 @@ def test_json_helpers():
         parse_json_output('{"relevant":true}', Judgement)
 
 
+@pytest.mark.slow  # a Ray Data job whose workers import transformers: 15-75 s on a shared 2-core box
 def test_check_prompts_puts_long_and_bad_rows_in_the_error_table(ray_local, tiny_qwen3_path):
     import ray
 
@@ -209,16 +211,18 @@ def engine_run(ray_local, tiny_qwen3_path):
         sampling={"max_tokens": 32, "temperature": 1.0, "seed": 11},
         structured_output={"json_schema": SCHEMA, "disable_any_whitespace": True},
     )
-    rows = [{"id": f"q{i:02d}", "text": f"Is passage {i} about plate tectonics?", "domain": "earth"} for i in range(24)]
-    rows += [{"id": f"long{i}", "text": "volcano " * 500, "domain": "earth"} for i in range(3)]
+    # The over-long and bad rows come first and fill one whole block (28 rows / 7 blocks): a block of nothing but
+    # skipped rows must flow through the engine stage and be batched together with normal rows.
+    rows = [{"id": f"long{i}", "text": "volcano " * 500, "domain": "earth"} for i in range(3)]
     rows += [{"id": "bad", "text": "", "domain": "earth"}]
+    rows += [{"id": f"q{i:02d}", "text": f"Is passage {i} about plate tectonics?", "domain": "earth"} for i in range(24)]
 
     def build(r):
         if not r["text"]:
             raise ValueError(f"row {r['id']}: empty text")
         return [{"role": "system", "content": "Answer in JSON."}, {"role": "user", "content": r["text"]}]
 
-    requests = prepare_requests(ray.data.from_items(rows, override_num_blocks=4), cfg, build)
+    requests = prepare_requests(ray.data.from_items(rows, override_num_blocks=7), cfg, build)
 
     # A request that passes our pre-filter but that vLLM rejects (more prompt tokens than max_model_len): the
     # engine error must come back as a row, not fail the job or vanish.
@@ -229,7 +233,19 @@ def engine_run(ray_local, tiny_qwen3_path):
 
     sneaky = prepare_requests(ray.data.from_items([{"id": "vllm-reject", "text": "x", "domain": "earth"}]), cfg,
                               build).map(overlong)
-    out = build_generation_processor(cfg)(requests.union(sneaky)).map(OutputNormalizer(cfg.sampling.max_tokens))
+    # Constraints are per request (sampling_params column), so rows constrained by a choice or a regex can share
+    # the engine with the JSON rows.
+    other = [{"id": f"choice{i}", "text": "Relevant?", "domain": "earth"} for i in range(4)]
+    other += [{"id": f"regex{i}", "text": "Name a mineral.", "domain": "earth"} for i in range(4)]
+    choice_cfg = cfg.model_copy(update={"structured_output": StructuredOutputConfig(
+        choice=["yes", "no"], disable_any_whitespace=True)})
+    regex_cfg = cfg.model_copy(update={"structured_output": StructuredOutputConfig(
+        regex="[A-Z][a-z]{2,8}", disable_any_whitespace=True)})
+    constrained = prepare_requests(ray.data.from_items(other[:4]), choice_cfg, build).union(
+        prepare_requests(ray.data.from_items(other[4:]), regex_cfg, build))
+    rows += other
+    out = build_generation_processor(cfg)(requests.union(sneaky, constrained)).map(
+        OutputNormalizer(cfg.sampling.max_tokens))
     table = pa.concat_tables([t for t in ray.get(out.materialize().to_arrow_refs()) if t.num_rows])
     return rows, table.to_pylist()
 
@@ -254,7 +270,7 @@ def test_every_row_comes_back_once_with_text_or_error(engine_run):
 @pytest.mark.slow
 def test_structured_json_output_parses(engine_run):
     _, out = engine_run
-    ok = [r for r in out if not r["error"]]
+    ok = [r for r in out if not r["error"] and r["id"].startswith("q")]
     assert len(ok) == 24
     for r in ok:
         value = json.loads(r["generated_text"])
@@ -262,3 +278,15 @@ def test_structured_json_output_parses(engine_run):
         assert isinstance(value["relevant"], bool)
         assert 0 < r["num_generated_tokens"] < 32 and not r["truncated"]
         assert r["num_input_tokens"] > 0
+
+
+@pytest.mark.slow
+def test_choice_and_regex_constraints_hold(engine_run):
+    import re
+
+    _, out = engine_run
+    by_id = {r["id"]: r for r in out}
+    for i in range(4):
+        assert by_id[f"choice{i}"]["error"] == "" and by_id[f"choice{i}"]["generated_text"] in ("yes", "no")
+        assert by_id[f"regex{i}"]["error"] == ""
+        assert re.fullmatch("[A-Z][a-z]{2,8}", by_id[f"regex{i}"]["generated_text"])

@@ -84,6 +84,7 @@ def service(ray_local, encoded):
     ready = wait_ready(base, timeout_s=300)
     yield {"base": base, "ready": ready}
     serve.delete(APP)
+    serve.shutdown()  # also stops the driver-side handle routers before the session's ray.shutdown()
 
 
 def free_port() -> int:

@@ -101,8 +101,9 @@ def test_submission_ids_are_deterministic_and_safe():
     assert base_submission_id("my run/αβ", "encode") == "reasonembed-my_run_-encode"
 
 
-def test_plan_builds_entrypoint_runtime_env_and_absolute_out(tmp_path):
+def test_plan_builds_entrypoint_runtime_env_and_absolute_out(tmp_path, monkeypatch):
     wd = make_workdir(tmp_path, 0)
+    monkeypatch.chdir(wd)
     opts = SubmitOptions(working_dir=str(wd), address="http://127.0.0.1:8265")
     p = plan("flaky", wd / "configs" / "flaky.yaml", ["fail_times=0"], opts)
     # Same machine: the relative out is pinned to the folder the user sees, via an override.
@@ -113,7 +114,20 @@ def test_plan_builds_entrypoint_runtime_env_and_absolute_out(tmp_path):
     assert env["working_dir"] == str(wd)
     assert {"/.venv", "/runs", "/data", "/.git"} <= set(env["excludes"])
     assert env["env_vars"]["PYTHONPATH"] == "platform"
-    assert p.entrypoint_resources == {}
+    # No cluster spec: Ray's default driver placement, holding no CPU (a 2-CPU local cluster needs both).
+    assert p.entrypoint_resources == {} and p.entrypoint_num_cpus == 0
+
+
+def test_driver_goes_to_driver_nodes_when_the_spec_has_them(tmp_path, monkeypatch):
+    wd = make_workdir(tmp_path, 0)
+    monkeypatch.chdir(wd)
+    p = plan("flaky", wd / "configs" / "flaky.yaml", [], SubmitOptions(working_dir=str(wd), cluster_spec=str(AWS)))
+    assert p.entrypoint_resources == {"driver": 1} and p.entrypoint_num_cpus == 1
+    p = plan("flaky", wd / "configs" / "flaky.yaml", [], SubmitOptions(working_dir=str(wd), cluster_spec=str(LOCAL)))
+    assert p.entrypoint_resources == {} and p.entrypoint_num_cpus == 0
+    with pytest.raises(ResourceMismatch, match="entrypoint_resources"):
+        plan("flaky", wd / "configs" / "flaky.yaml", [],
+             SubmitOptions(working_dir=str(wd), cluster_spec=str(LOCAL), entrypoint_resources={"driver": 1}))
 
 
 def test_excludes_drop_top_level_folders_but_keep_the_library(tmp_path):
@@ -130,13 +144,31 @@ def test_excludes_drop_top_level_folders_but_keep_the_library(tmp_path):
     assert not any(n.startswith((".venv/", "data/")) or "__pycache__" in n for n in names)
 
 
-def test_plan_refuses_relative_out_on_a_remote_cluster(tmp_path):
+def test_plan_refuses_relative_out_on_a_remote_cluster(tmp_path, monkeypatch):
     wd = make_workdir(tmp_path, 0)
+    monkeypatch.chdir(wd)
     opts = SubmitOptions(working_dir=str(wd), address="http://10.1.2.3:8265")
     with pytest.raises(SubmitError, match="out='runs' is a relative local path"):
         plan("flaky", wd / "configs" / "flaky.yaml", [], opts)
     p = plan("flaky", wd / "configs" / "flaky.yaml", ["out=s3://bucket/runs"], opts)
     assert p.run_root == "s3://bucket/runs/flaky-run"
+
+
+def test_relative_data_paths_are_pinned_locally_and_refused_remotely(tmp_path, monkeypatch):
+    """The job runs in an unpacked copy of the working dir: `../corpus` would point nowhere there."""
+    wd = make_workdir(tmp_path, 0)
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "shared" / "data").mkdir(parents=True)
+    cfg = wd / "configs" / "flaky.yaml"
+    cfg.write_text(cfg.read_text() + "data: {path: ../corpus, format: jsonl}\nmodel: minilm\n")
+    monkeypatch.chdir(wd)
+    monkeypatch.delenv("REASONEMBED_DATA_DIR", raising=False)
+    p = plan("flaky", cfg, [], SubmitOptions(working_dir=str(wd)))
+    assert f"data.path={tmp_path / 'corpus'}" in p.overrides
+    assert not any(o.startswith(("model=", "data.format=")) for o in p.overrides)  # not paths that exist here
+    assert p.runtime_env["env_vars"]["REASONEMBED_DATA_DIR"] == str(tmp_path / "shared" / "data")
+    with pytest.raises(SubmitError, match="data.path='../corpus' is a path on this machine"):
+        plan("flaky", cfg, ["out=s3://b/runs"], SubmitOptions(working_dir=str(wd), address="http://10.0.0.5:8265"))
 
 
 def test_plan_rejects_paths_that_would_not_reach_the_cluster(tmp_path):
@@ -198,8 +230,9 @@ def test_check_resources_reads_ray_start_flags_of_a_local_spec(tmp_path):
     check_resources(STAGES, spec)
 
 
-def test_unreachable_address_is_one_clear_line(tmp_path, capsys):
+def test_unreachable_address_is_one_clear_line(tmp_path, capsys, monkeypatch):
     wd = make_workdir(tmp_path, 0)
+    monkeypatch.chdir(wd)
     port = free_port()  # nothing listens there
     with pytest.raises(SubmitError) as err:
         submit("flaky", wd / "configs" / "flaky.yaml", address=f"http://127.0.0.1:{port}",
@@ -213,8 +246,9 @@ def test_unreachable_address_is_one_clear_line(tmp_path, capsys):
     assert len(err_lines) == 1 and "cannot reach" in err_lines[0]
 
 
-def test_resource_mismatch_is_caught_before_any_connection(tmp_path, capsys):
+def test_resource_mismatch_is_caught_before_any_connection(tmp_path, capsys, monkeypatch):
     wd = make_workdir(tmp_path, 0)
+    monkeypatch.chdir(wd)
     cfg = wd / "configs" / "flaky.yaml"
     cfg.write_text(cfg.read_text() + "stage: {num_gpus: 1, resources: {gpu_inference: 1}}\n")
     # The address is unreachable too, so an error about resources proves the check ran before connecting.
@@ -251,6 +285,7 @@ def test_failed_job_is_retried_with_new_deterministic_ids(head, tmp_path, monkey
 
     monkeypatch.setenv("REASONEMBED_TEST_TAG", "passed-through")
     wd = make_workdir(tmp_path, fail_times=2, run_id="retry-run")
+    monkeypatch.chdir(wd)
     lines: list[str] = []
     opts = SubmitOptions(working_dir=str(wd), poll_interval_s=0.5)
     result = submit("flaky", wd / "configs" / "flaky.yaml", address=head.dashboard_url, retries=2,
@@ -285,8 +320,9 @@ def test_failed_job_is_retried_with_new_deterministic_ids(head, tmp_path, monkey
 
 
 @pytest.mark.slow
-def test_retry_budget_stops_with_the_error_and_the_run_path(head, tmp_path):
+def test_retry_budget_stops_with_the_error_and_the_run_path(head, tmp_path, monkeypatch):
     wd = make_workdir(tmp_path, fail_times=5, run_id="doomed-run")
+    monkeypatch.chdir(wd)
     opts = SubmitOptions(working_dir=str(wd), poll_interval_s=0.5)
     with pytest.raises(JobFailed) as err:
         submit("flaky", wd / "configs" / "flaky.yaml", address=head.dashboard_url, retries=1, follow=False,
@@ -300,8 +336,9 @@ def test_retry_budget_stops_with_the_error_and_the_run_path(head, tmp_path):
 
 
 @pytest.mark.slow
-def test_submit_cli_exit_codes_against_a_real_head(head, tmp_path, capsys):
+def test_submit_cli_exit_codes_against_a_real_head(head, tmp_path, capsys, monkeypatch):
     wd = make_workdir(tmp_path, fail_times=1, run_id="cli-run")
+    monkeypatch.chdir(wd)
     args = ["flaky", "--config", str(wd / "configs" / "flaky.yaml"), "--working-dir", str(wd),
             "--address", head.dashboard_url, "--no-follow"]
     assert submit_cli([*args, "--retries", "0"]) == 1

@@ -20,7 +20,7 @@ when the node starts, so they are not checked; custom resources exist only where
 
 Requests are found by walking the config: every mapping under a key named ``resources``, ``resources_per_worker`` or
 ``entrypoint_resources`` is one bundle, joined with ``num_cpus``/``num_gpus``/``accelerator_type`` set next to it
-(``accelerator_type: H100`` is Ray's resource ``accelerator_type:H100``).
+(``accelerator_type: H100`` is Ray's resource ``accelerator_type:H100``; Ray Train's ``use_gpu: true`` is ``GPU: 1``).
 """
 
 from __future__ import annotations
@@ -127,6 +127,8 @@ def find_requests(config: dict[str, Any], prefix: str = "") -> list[ResourceRequ
             for key, std in SIBLINGS.items():
                 if _is_number(config.get(key)) and config[key] > 0:
                     bundle[std] = float(config[key])
+            if config.get("use_gpu") is True and "GPU" not in bundle:
+                bundle["GPU"] = 1.0  # Ray Train's use_gpu: one GPU per worker unless resources say otherwise
             accel = config.get("accelerator_type")
             if isinstance(accel, str) and accel:
                 bundle[f"accelerator_type:{accel}"] = 0.001

@@ -5,14 +5,16 @@ What one call does, in order (everything before step 4 happens offline, so bad i
 1. validate the job config (plus dotted overrides) with the verb's pydantic model, as the job itself will;
 2. with ``cluster_spec``, check that every resource bundle the config asks for fits some node type
    (``reasonembed.cluster_spec.check_resources``); otherwise the job would sit PENDING forever;
-3. make ``out`` usable on the cluster: a relative local ``out`` is made absolute for a cluster on this machine, and is
-   an error for a remote one (the job's working dir is a temporary copy that vanishes with it);
+3. make paths usable on the cluster. The job runs in a temporary, unpacked copy of the working dir, so relative
+   local paths (``out``, and any string field naming an existing file or folder, e.g. ``data.path``) are made
+   absolute, as overrides, for a cluster on this machine; for a remote cluster they are an error;
 4. reach the job API (one clear line when it cannot) and submit
    ``python jobs/<verb>.py --config <config> <overrides>`` with
    - ``runtime_env.working_dir`` = the checkout, minus venvs, runs, data, .git and caches;
    - ``PYTHONPATH=platform`` (relative to that working dir) in the runtime env, so the driver and every worker
      import the submitted ``platform/reasonembed`` ahead of any installed release;
-   - the driver on a CPU: ``entrypoint_num_cpus`` (and ``{driver: 1}`` when the cluster spec offers it);
+   - the driver on a CPU node: with a cluster spec that declares a ``driver`` resource (aws-gpu.yaml: on-demand
+     cpu-workers), ``{driver: 1}`` and one reserved CPU; otherwise Ray's default (on the head, no CPU held);
    - submission id ``reasonembed-<run_id>-<verb>-<attempt>``: deterministic, readable in `ray job list`, and new
      per attempt because Ray refuses to reuse an id;
 5. follow the driver's logs with status lines, and on FAILED resubmit up to ``retries`` times. Ray Jobs never retry
@@ -28,9 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import re
-import shlex
 import socket
 import sys
 import time
@@ -40,37 +40,26 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from reasonembed.cluster_spec import ResourceMismatch, check_resources, declares
-from reasonembed.config import JOB_CONFIGS, ConfigError, job_config_class
-from reasonembed.config.base import apply_overrides, load_model, read_yaml
+from reasonembed.cluster_spec import ResourceMismatch, check_resources
+from reasonembed.config import ConfigError
 from reasonembed.config.submit import SubmitOptions
+from reasonembed.submit_plan import (
+    SubmitError,
+    SubmitPlan,
+    _normalize_address,
+    base_submission_id,
+    is_loopback,
+    plan,
+    submission_id,
+)
 
 log = logging.getLogger("reasonembed.submit")
 
-LOOPBACK = {"127.0.0.1", "localhost", "::1", "0.0.0.0"}
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
-ID_PREFIX = "reasonembed"
-
-
-class SubmitError(RuntimeError):
-    """Submission could not start (no cluster, bad paths); the message is meant to be shown as is."""
 
 
 class JobFailed(SubmitError):
     """The job ran and did not succeed: FAILED after the retry budget, or STOPPED."""
-
-
-@dataclass
-class SubmitPlan:
-    """Everything needed to submit, computed offline by :func:`plan`."""
-
-    verb: str
-    run_id: str
-    run_root: str
-    entrypoint: str
-    runtime_env: dict[str, Any]
-    entrypoint_resources: dict[str, float]
-    overrides: list[str]
 
 
 @dataclass
@@ -84,105 +73,6 @@ class SubmitResult:
     @property
     def submission_id(self) -> str:
         return self.submission_ids[-1]
-
-
-def base_submission_id(run_id: str, verb: str) -> str:
-    """``reasonembed-<run_id>-<verb>``, with anything outside ``[A-Za-z0-9._-]`` replaced (ids name log files)."""
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{run_id}-{verb}")
-    return f"{ID_PREFIX}-{safe}"
-
-
-def submission_id(run_id: str, verb: str, attempt: int) -> str:
-    """The id of attempt ``attempt`` (1-based) of ``verb`` in run ``run_id``: same inputs, same id."""
-    return f"{base_submission_id(run_id, verb)}-{attempt}"
-
-
-def _normalize_address(address: str) -> str:
-    address = address.strip().rstrip("/")
-    return address if "://" in address else f"http://{address}"
-
-
-def is_loopback(address: str) -> bool:
-    return (urlparse(_normalize_address(address)).hostname or "") in LOOPBACK
-
-
-def _job_config_dict(verb: str, config_path: Path, overrides: list[str]) -> dict[str, Any]:
-    """Validate with the verb's model when it has one (errors name the field); else read the YAML as is."""
-    if verb in JOB_CONFIGS:
-        try:
-            model = job_config_class(verb)
-        except ModuleNotFoundError:
-            model = None  # the verb's config module is not written yet: fall back to the raw mapping
-        if model is not None:
-            return load_model(model, config_path, overrides).model_dump(mode="json")
-    return apply_overrides(read_yaml(config_path), overrides)
-
-
-def plan(
-    verb: str,
-    config_path: str | Path,
-    overrides: Sequence[str] = (),
-    options: SubmitOptions | None = None,
-    script: str | None = None,
-) -> SubmitPlan:
-    """Steps 1-3 of the module docstring plus the entrypoint and runtime env; raises ConfigError or SubmitError."""
-    opts = options or SubmitOptions()
-    overrides = list(overrides)
-    wd = Path(opts.working_dir).resolve()
-    script = script or f"jobs/{verb}.py"
-    if not (wd / script).is_file():
-        raise SubmitError(f"{script} not found under {wd}: run from the repository root or pass --working-dir")
-    cfg_path = Path(config_path).resolve()
-    try:
-        cfg_rel = cfg_path.relative_to(wd)
-    except ValueError:
-        raise SubmitError(
-            f"config {config_path} is outside the uploaded working dir {wd}; put it under {wd}/configs/"
-        ) from None
-    # The same matcher Ray's packager uses on the working dir (gitwildmatch over paths relative to it).
-    from ray._private.thirdparty.pathspec import PathSpec
-
-    spec = PathSpec.from_lines("gitwildmatch", opts.excludes)
-    if any(spec.match_file(str(Path(*cfg_rel.parts[:i]))) for i in range(1, len(cfg_rel.parts) + 1)):
-        raise SubmitError(f"config {cfg_rel} is excluded from the upload (excludes: {', '.join(opts.excludes)}); "
-                          "move it to configs/")
-    cfg = _job_config_dict(verb, cfg_path, overrides)
-
-    if opts.cluster_spec:
-        check_resources(cfg, opts.cluster_spec)
-    entry_res = opts.entrypoint_resources
-    if entry_res is None:
-        entry_res = {"driver": 1.0} if opts.cluster_spec and declares(opts.cluster_spec, "driver") else {}
-    if opts.cluster_spec and entry_res:
-        check_resources({"entrypoint_resources": entry_res, "num_cpus": opts.entrypoint_num_cpus},
-                        opts.cluster_spec)
-
-    run_id = str(cfg.get("run_id") or "run")
-    out = cfg.get("out")
-    if isinstance(out, str) and "://" not in out and not Path(out).is_absolute():
-        if not is_loopback(opts.address):
-            raise SubmitError(
-                f"out={out!r} is a relative local path: on the remote cluster at {opts.address} it would land in "
-                "the job's temporary working dir and vanish with it; set out=s3://<bucket>/<prefix> (or a path on a "
-                "filesystem every node mounts)"
-            )
-        # Same machine: mean the folder the user sees, not the job's temporary copy of the working dir.
-        out = str((wd / out).resolve())
-        overrides.append(f"out={out}")
-    run_root = f"{str(out).rstrip('/')}/{run_id}" if out else run_id
-
-    entrypoint = shlex.join([opts.python, script, "--config", str(cfg_rel), *overrides])
-    env = {k: v for k, v in os.environ.items() if k.startswith("REASONEMBED_")}
-    env.update(opts.env_vars)
-    if (wd / "platform" / "reasonembed" / "__init__.py").is_file():
-        # The library of the same checkout as jobs/: Ray starts the driver and every worker in the unpacked working
-        # dir and puts it first on PYTHONPATH, followed by this entry, ahead of any installed release. (Not
-        # py_modules: Ray applies `excludes` inside each module too, so a "data" pattern would drop reasonembed/data.)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in ("platform", opts.env_vars.get("PYTHONPATH")) if p)
-    runtime_env: dict[str, Any] = {"working_dir": str(wd), "excludes": list(opts.excludes)}
-    if env:
-        runtime_env["env_vars"] = env
-    return SubmitPlan(verb, run_id, run_root, entrypoint, runtime_env, entry_res, overrides)
 
 
 def connect(address: str, timeout_s: float = 5.0):
@@ -326,7 +216,7 @@ def submit(
                 entrypoint=p.entrypoint,
                 submission_id=sid,
                 runtime_env=p.runtime_env,
-                entrypoint_num_cpus=opts.entrypoint_num_cpus,
+                entrypoint_num_cpus=p.entrypoint_num_cpus or None,
                 entrypoint_num_gpus=opts.entrypoint_num_gpus or None,
                 entrypoint_resources=p.entrypoint_resources or None,
                 metadata={"reasonembed_verb": verb, "reasonembed_run_id": p.run_id, "attempt": str(attempt)},
@@ -374,7 +264,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def submit_cli(args: argparse.Namespace | Sequence[str]) -> int:
     """Entry of `reasonembed submit`: 0 on success, 1 if the job failed, 2 on bad input or no cluster."""
     if not isinstance(args, argparse.Namespace):
-        args = add_arguments(argparse.ArgumentParser(prog="reasonembed submit")).parse_args(list(args))
+        # Intermixed: overrides may come before or after the options (`submit encode a=1 --address X b=2`).
+        args = add_arguments(argparse.ArgumentParser(prog="reasonembed submit")).parse_intermixed_args(list(args))
     try:
         opts = SubmitOptions(working_dir=args.working_dir, wait=not args.no_wait)
         result = submit(args.verb, args.config, address=args.address, overrides=args.overrides,

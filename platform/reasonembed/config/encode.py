@@ -23,8 +23,8 @@ class CorpusSource(StrictModel):
     text_field: str = Field("text", description="Column with the document text.")
     title_field: str | None = Field(
         "title",
-        description="Optional title column; when present and non-empty the text is '<title> <text>' (BEIR/MTEB "
-        "convention). None: ignore titles.",
+        description="Optional title column; when present, non-empty and not already the start of the text, the "
+        "text is '<title> <text>' (BEIR/MTEB convention). None: ignore titles.",
     )
     limit: int | None = Field(None, ge=1, description="Only the first N documents (smoke runs).")
 

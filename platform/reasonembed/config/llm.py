@@ -79,7 +79,10 @@ class LLMEngineConfig(StrictModel):
     )
     batch_size: int = Field(16, ge=1, description="Rows per Ray Data batch sent to one engine replica.")
     max_concurrent_batches: int = Field(
-        4, ge=1, description="Batches in flight per replica; batch_size x this should reach vLLM's max_num_seqs."
+        8,
+        ge=1,
+        description="Batches in flight per replica (Ray's default 8); batch_size x this should reach vLLM's "
+        "max_num_seqs (128 on CPU, 256-1024 on GPUs) to keep the engine's batch full.",
     )
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs one replica shards each layer over.")
     pipeline_parallel_size: int = Field(1, ge=1, description="Pipeline stages of one replica.")
@@ -126,8 +129,9 @@ class LLMEngineConfig(StrictModel):
     )
     log_engine_metrics: bool = Field(
         False,
-        description="Export vLLM engine metrics through Ray's Prometheus endpoint. Off by default: the metrics "
-        "logger needs Ray's metrics export port, which local test clusters do not start (FIELD-NOTES).",
+        description="Export vLLM engine metrics (TTFT, KV cache use, ...) through Ray's Prometheus endpoint. Off by "
+        "default: vLLM's RayPrometheusStatLogger needs Ray Serve and Ray's metrics export, which local and CPU "
+        "clusters do not run (FIELD-NOTES: ray.data.llm on CPU needs it off).",
     )
     runtime_env: dict[str, Any] | None = Field(
         None, description="Extra Ray runtime_env for the engine actors (env_vars are merged with the platform's)."

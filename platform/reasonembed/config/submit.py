@@ -28,6 +28,7 @@ DEFAULT_EXCLUDES = [
     ".pytest_cache",
     ".ruff_cache",
     ".mypy_cache",
+    ".hypothesis",
     "*.egg-info",
 ]
 
@@ -60,17 +61,19 @@ class SubmitOptions(StrictModel):
     python: str = Field(
         "python", description="Interpreter in the entrypoint, resolved on the cluster (its PATH, not yours)."
     )
-    entrypoint_num_cpus: float = Field(
-        1.0, ge=0,
-        description="CPUs reserved for the job driver. It only orchestrates, but reserving a CPU keeps it off "
-        "GPU-role nodes that advertise no spare CPU and on the node types that declare CPUs.",
+    entrypoint_num_cpus: float | None = Field(
+        None, ge=0,
+        description="CPUs reserved for the job driver. None: 1 when the cluster spec declares a `driver` resource "
+        "(the driver then gets a real CPU on an on-demand cpu-worker, never the head or a spot GPU node), else 0, "
+        "Ray's own default (the driver runs on the head without holding a CPU; reserving one would leave a 2-CPU "
+        "local cluster one CPU short of a read task plus an actor, and the job would stall).",
     )
     entrypoint_num_gpus: float = Field(0.0, ge=0, description="GPUs reserved for the driver (0: drivers never "
                                        "hold a GPU; the stages' actors do).")
     entrypoint_resources: dict[str, float] | None = Field(
         None,
-        description="Custom resources for the driver. None: {driver: 1} when --cluster-spec declares a `driver` "
-        "resource (aws-gpu.yaml: on-demand cpu-worker nodes, never spot), else none.",
+        description="Custom resources for the driver. None: {driver: 1} when the cluster spec declares a `driver` "
+        "resource (aws-gpu.yaml: on-demand cpu-worker nodes), else none.",
     )
     cluster_spec: str | None = Field(
         None,

@@ -300,6 +300,9 @@ class SynthesizeJobConfig(JobConfig):
     overwrite: bool = Field(
         False, description="Discard stages started under a different config instead of refusing to mix them."
     )
+    stop_after: Literal["prepare", "generate", "reason", "mine", "annotate"] | None = Field(
+        None, description="Stop after this stage (e.g. inspect sources or queries before paying for annotation)."
+    )
 
     @model_validator(mode="after")
     def _cross_checks(self) -> SynthesizeJobConfig:

@@ -224,7 +224,14 @@ def run(cfg: EncodeJobConfig, dataset_builder=None, n_rows: int | None = None) -
     from reasonembed.runtime import connect_ray
     from reasonembed.storage import open_run
 
+    from reasonembed.index.reader import corpus_files
+    from reasonembed.models.registry import resolve_model
+
     t0 = time.time()
+    # Check every input before starting anything, so bad input costs seconds and leaves nothing behind.
+    resolve_model(cfg.embedder.model)
+    if dataset_builder is None:
+        corpus_files(cfg.data, cfg.storage)
     run_dir = open_run(cfg.out, cfg.run_id, cfg.storage)
     stage = run_dir.stage(cfg.stage)
     h = stage_hash(cfg)

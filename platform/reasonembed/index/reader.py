@@ -57,7 +57,8 @@ def _row_text(obj: dict[str, Any], src: CorpusSource) -> tuple[str | None, str |
     if not isinstance(text, str):
         return str(doc_id), None, f"non-text {src.text_field!r} ({type(text).__name__})"
     title = obj.get(src.title_field) if src.title_field else None
-    if isinstance(title, str) and title.strip():
+    # Some releases (e.g. the shared SciFact copy) already put the title at the start of `text`: never add it twice.
+    if isinstance(title, str) and title.strip() and not text.startswith(title):
         text = f"{title} {text}"
     if not text.strip():
         return str(doc_id), None, "empty text"

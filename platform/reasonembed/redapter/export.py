@@ -136,7 +136,7 @@ def export_model(
     prompts: dict[str, str],
     dtype: torch.dtype | None = None,
     info: dict[str, Any] | None = None,
-    adapter: torch.nn.Module | None = None,
+    adapter: str | Path | None = None,
     storage: StorageConfig | None = None,
 ) -> str:
     """Write the folder described in the module docstring to ``out`` (local or s3://); returns ``out``.
@@ -148,7 +148,7 @@ def export_model(
         prompts: sentence-transformers prompts (see :func:`st_prompts`).
         dtype: cast the weights before saving (None: keep).
         info: extra provenance stored in ``reasonembed.json``.
-        adapter: an unmerged peft model whose adapter is saved under ``adapter/`` as well.
+        adapter: a saved peft adapter folder, copied to ``adapter/`` (kept next to the merged weights).
     A local target is replaced atomically (written next to it, then renamed), so a reader never sees half a model.
     """
     work = Path(tempfile.mkdtemp(prefix="reasonembed-export-"))
@@ -157,7 +157,7 @@ def export_model(
             model = model.to(dtype)
         model.save_pretrained(work, safe_serialization=True)
         if adapter is not None:
-            adapter.save_pretrained(work / "adapter")
+            shutil.copytree(adapter, work / "adapter")
         _write_tokenizer(tokenizer, work, pooling, max_length, append_eos)
         dim = int(model.config.hidden_size)
         _write_st_files(work, dim, pooling, normalize, max_length, prompts)

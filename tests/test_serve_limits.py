@@ -1,0 +1,156 @@
+"""Auth, request limits and overload on real Ray Serve, deployed the way `serve deploy serve/config.yaml` does it
+(the controller imports ``app:build_app`` and calls it with the config's args)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+APP = "re-limits"
+KEY = "sk-test-6d1f0c2a9e"
+WRONG_KEY = "sk-wrong-77aa31"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def service(ray_local, tiny_qwen3_path, tmp_path_factory):
+    from ray import serve
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    from reasonembed.serving.runner import start_serve, wait_ready
+
+    key_file = tmp_path_factory.mktemp("secret") / "api-key"
+    key_file.write_text(KEY + "\n")
+    port = start_serve("127.0.0.1", free_port())
+    raw = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())
+    raw["http_options"]["port"] = port
+    (spec,) = raw["applications"]
+    spec.update(name=APP, route_prefix="/secure")
+    # A fresh cluster gets the import path from PYTHONPATH; the replicas themselves unpickle the app by value.
+    spec["runtime_env"] = {"env_vars": {"PYTHONPATH": str(REPO / "serve")}}
+    spec["args"] = {
+        "app_name": APP,
+        "embedder": {"model": str(tiny_qwen3_path), "max_length": 32},
+        "auth": {"api_key_file": str(key_file)},
+        "limits": {"max_inputs_per_request": 4, "max_chars_per_input": 200, "max_body_bytes": 4096,
+                   "overload_status": 429, "retry_after_s": 2, "max_queued_requests": 1},
+        # One request at a time per replica, and each waits 1 s for batch company: a burst must overflow.
+        "batching": {"wait_timeout_s": 1.0, "token_budget": 256},
+        "replica": {"num_cpus": 1, "max_ongoing_requests": 1},
+        "autoscaling": {"min_replicas": 1, "max_replicas": 1},
+    }
+    _get_global_client().deploy_apps(ServeDeploySchema.model_validate(raw), _blocking=False)
+    base = f"http://127.0.0.1:{port}/secure"
+    ready = wait_ready(base, timeout_s=300)
+    yield {"base": base, "ready": ready}
+    serve.delete(APP)
+    serve.shutdown()
+
+
+def call(service, path: str, body=None, key: str | None = KEY, **kw) -> httpx.Response:
+    headers = {"content-type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    headers.update(kw.pop("headers", {}))
+    if body is None:
+        return httpx.get(service["base"] + path, headers=headers, timeout=60)
+    content = json.dumps(body).encode() if isinstance(body, dict) else body  # bytes or a chunk generator
+    return httpx.post(service["base"] + path, content=content, headers=headers, timeout=60, **kw)
+
+
+def test_deployed_from_serve_config(service):
+    from ray import serve
+
+    status = serve.status().applications[APP]
+    assert status.status == "RUNNING"
+    assert set(status.deployments) == {"EmbeddingAPI", "EmbeddingModel"}
+    assert service["ready"]["ready"]
+
+
+def test_api_key_required_except_probes(service):
+    for key in (None, WRONG_KEY):
+        r = call(service, "/v1/embeddings", {"input": "hello"}, key=key)
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+        assert r.json()["error"]["type"] == "authentication_error"
+        assert KEY not in r.text and WRONG_KEY not in r.text
+        assert call(service, "/v1/models", key=key).status_code == 401
+        assert call(service, "/metrics", key=key).status_code == 401
+    assert call(service, "/v1/embeddings", b"{broken", key=None).status_code == 401  # auth before parsing
+    assert call(service, "/health", key=None).status_code == 200
+    assert call(service, "/ready", key=None).status_code == 200
+    ok = call(service, "/v1/embeddings", {"input": ["hello", "world"]})
+    assert ok.status_code == 200 and len(ok.json()["data"]) == 2
+    import openai
+
+    client = openai.OpenAI(base_url=service["base"] + "/v1", api_key=KEY, max_retries=0)
+    assert len(client.embeddings.create(model=client.models.list().data[0].id, input="hi").data) == 1
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=service["base"] + "/v1", api_key=WRONG_KEY, max_retries=0).models.list()
+
+
+def test_limits_return_413(service):
+    r = call(service, "/v1/embeddings", {"input": ["a"] * 5})
+    assert r.status_code == 413 and r.json()["error"]["param"] == "input"
+    r = call(service, "/v1/embeddings", {"input": ["ok", "x" * 201]})
+    assert r.status_code == 413 and r.json()["error"]["param"] == "input[1]"
+    r = call(service, "/v1/embeddings", {"input": [list(range(201))]})
+    assert r.status_code == 413 and r.json()["error"]["param"] == "input[0]"
+    r = call(service, "/v1/embeddings", {"input": "y" * 150, "user": "u" * 5000})  # body > 4096 bytes
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+    def chunked():  # no Content-Length: the limit is enforced while streaming
+        yield b'{"input": "'
+        for _ in range(10):
+            yield b"z" * 500
+        yield b'"}'
+
+    r = call(service, "/v1/embeddings", chunked())
+    assert r.status_code == 413
+    r = call(service, "/v1/search", {"query": ["q"] * 5})
+    assert r.status_code == 413 and r.json()["error"]["param"] == "query"
+
+
+def test_search_without_index_is_404(service):
+    r = call(service, "/v1/search", {"query": "anything"})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "no_index"
+
+
+def test_overload_returns_429_with_retry_after_and_recovers(service):
+    """A burst larger than replica slots + queue gets 429 + Retry-After; nothing fails, nothing hangs."""
+    def one(i: int) -> httpx.Response:
+        return call(service, "/v1/embeddings", {"input": f"burst request {i}"})
+
+    with ThreadPoolExecutor(12) as pool:
+        responses = list(pool.map(one, range(12)))
+    codes = [r.status_code for r in responses]
+    assert set(codes) <= {200, 429}, codes
+    assert codes.count(429) >= 1 and codes.count(200) >= 1, codes
+    for r in responses:
+        if r.status_code == 429:
+            assert r.headers["retry-after"] == "2" and r.json()["error"]["type"] == "overloaded_error"
+    time.sleep(3)  # the admitted requests drain (each waits up to 1 s for batch company)
+    assert one(99).status_code == 200
+
+
+def test_api_key_never_logged(service):
+    import ray
+
+    call(service, "/v1/embeddings", {"input": "log check"})
+    call(service, "/v1/embeddings", {"input": "log check"}, key=WRONG_KEY)
+    time.sleep(2)  # let replicas flush their logs
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path())
+    hits = [str(p) for p in logs.rglob("*") if p.is_file() and p.stat().st_size < 50 * 2**20
+            and (KEY.encode() in p.read_bytes() or WRONG_KEY.encode() in p.read_bytes())]
+    assert hits == [], f"API key found in logs: {hits}"
