@@ -276,9 +276,6 @@ class EmbeddingAPI:
         status, reply = 200, None
         try:
             self._check_model(body.model)
-            if self.retriever is None:
-                raise NotFound("no index is loaded: start the service with --index <encode output folder>",
-                               code="no_index")
             queries = body.queries()
             self._check_sizes(queries, "query")
             if body.top_k > self.limits.max_top_k:
@@ -296,6 +293,9 @@ class EmbeddingAPI:
             if n_excluded > self.limits.max_excluded_ids:
                 raise PayloadTooLarge(f"excluded_ids has {n_excluded} ids; the limit is "
                                       f"{self.limits.max_excluded_ids} (limits.max_excluded_ids)", param="excluded_ids")
+            if self.retriever is None:
+                raise NotFound("no index is loaded: start the service with --index <encode output folder>",
+                               code="no_index")
             is_query, instruction = self._task(body.instruction, body.prompt_name, default_query=True)
             reply = await self._embed(EmbedCall(texts=queries, is_query=is_query, instruction=instruction))
             hits = await asyncio.to_thread(self.retriever.search, reply.embeddings, body.top_k, excluded,
@@ -391,7 +391,7 @@ def build_app(args: dict[str, Any] | ServeJobConfig | None = None):
         num_replicas=r.ingress_replicas,
         ray_actor_options={"num_cpus": r.ingress_num_cpus},
         max_ongoing_requests=r.ingress_max_ongoing_requests,
-        max_queued_requests=lim.max_queued_requests,
+        max_queued_requests=lim.http_max_queued_requests,
         backpressure_config={"status_code": lim.overload_status, "retry_after_s": lim.retry_after_s},
         max_constructor_retry_count=2,
     ).bind(model, data)

@@ -60,8 +60,11 @@ def data_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def ray_local():
-    """A private local Ray cluster on 127.0.0.1 sized for a 2-core box; shut down at the end of the session."""
+def ray_local(s3_server):
+    """A private local Ray cluster on 127.0.0.1 sized for a 2-core box; shut down at the end of the session.
+
+    It depends on the S3 server so that Ray's worker processes inherit its endpoint and credentials (as workers on a
+    real cluster get theirs from the instance profile)."""
     import ray
 
     if ray.is_initialized():

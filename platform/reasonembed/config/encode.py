@@ -46,6 +46,11 @@ class EncodeEngineConfig(StrictModel):
     )
     num_gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per actor (0 on CPU).")
     accelerator_type: str | None = Field(None, description="Ray accelerator type for GPU actors, e.g. 'H100'.")
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources per actor, e.g. {gpu_infer: 1} so actors land on that node type "
+        "(cluster/aws-gpu.yaml); `reasonembed submit --cluster-spec` checks some node type provides them.",
+    )
     window_rows: int = Field(
         1024, ge=1, description="Rows handed to an actor per call. Rows are length-sorted within a window and cut "
         "into token-budget batches, so streaming works for corpora larger than memory."

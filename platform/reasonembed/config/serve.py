@@ -44,7 +44,12 @@ class LimitsConfig(StrictModel):
     max_top_k: int = Field(1000, ge=1, description="Max top_k of a search request.")
     max_excluded_ids: int = Field(100_000, ge=0, description="Max excluded ids in one search request.")
     max_queued_requests: int = Field(
-        512, ge=1, description="Requests queued at each caller (HTTP proxy, ingress) before Serve rejects new ones."
+        512, ge=1, description="Embedding calls queued for the model replicas at each ingress replica; beyond it "
+        "requests get overload_status with Retry-After (the service's own JSON error)."
+    )
+    http_max_queued_requests: int = Field(
+        2048, ge=1, description="Requests queued for the ingress at each HTTP proxy; beyond it Serve's proxy "
+        "answers overload_status with Retry-After."
     )
     overload_status: int = Field(503, description="Status of a backpressure rejection: 503 or 429.")
     retry_after_s: float = Field(1.0, ge=0, description="Retry-After (seconds) sent with 429/503 responses.")

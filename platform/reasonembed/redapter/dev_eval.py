@@ -14,12 +14,14 @@ from typing import Any
 from reasonembed.config.base import StorageConfig
 
 
-def retrieval_metrics(embedder, task, qids: list[str], q_texts: list[str], k: int = 100) -> dict[str, float]:
-    """nDCG/recall/MRR of ``embedder`` on ``task`` restricted to the queries ``qids``."""
+def retrieval_metrics(embedder, task, qids: list[str], q_texts: list[str], k: int = 100,
+                      doc_embeddings=None) -> dict[str, float]:
+    """nDCG/recall/MRR of ``embedder`` on ``task`` restricted to the queries ``qids`` (corpus embeddings may be
+    passed in when already computed)."""
     from reasonembed.evaluation.metrics import HEADLINE_METRICS, evaluate
     from reasonembed.index.faiss_index import SearchIndex
 
-    docs = embedder.encode(task.corpus.texts)
+    docs = doc_embeddings if doc_embeddings is not None else embedder.encode(task.corpus.texts)
     queries = embedder.encode(q_texts, is_query=True)
     index = SearchIndex.build(docs, task.corpus.ids)
     hits = index.search(queries, k, excluded=[task.excluded_ids.get(q, []) for q in qids])

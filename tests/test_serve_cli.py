@@ -1,0 +1,73 @@
+"""Acceptance: `serve/launch.py --model minilm --port <p> --index <encode output> --api-key-file <f>` serves on
+127.0.0.1:<p> until interrupted (own Ray cluster, real HTTP), then exits 0 on SIGINT."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_launch_serves_until_interrupted(tmp_path, scifact_dir):
+    from reasonembed.config.embedder import EmbedderConfig
+    from reasonembed.index.faiss_index import SearchIndex
+    from reasonembed.models.embedder import Embedder
+
+    docs = [json.loads(x) for x in (scifact_dir / "corpus.jsonl").read_text().splitlines()[:30]]
+    embedder = Embedder(EmbedderConfig(model="minilm"))
+    stage = tmp_path / "run" / "encode"
+    SearchIndex.build(embedder.encode([d["text"] for d in docs]), [d["id"] for d in docs],
+                      meta={"encoder": embedder.describe()}).save(str(stage / "index"))
+    key = tmp_path / "key"
+    key.write_text("cli-secret\n")
+    port = free_port()
+    log = (tmp_path / "launch.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "serve" / "launch.py"), "--model", "minilm", "--port", str(port),
+         "--index", str(stage), "--api-key-file", str(key), "ray.num_cpus=2", "ray.object_store_memory_mb=256",
+         "replica.num_cpus=1"],
+        stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline and "ready on" not in (tmp_path / "launch.log").read_text():
+            assert proc.poll() is None, (tmp_path / "launch.log").read_text()[-3000:]
+            time.sleep(2)
+        assert "ready on" in (tmp_path / "launch.log").read_text()
+        auth = {"Authorization": "Bearer cli-secret"}
+        assert httpx.post(base + "/v1/embeddings", json={"input": "x"}).status_code == 401
+        r = httpx.post(base + "/v1/embeddings", json={"input": docs[0]["text"], "encoding_format": "float"},
+                       headers=auth, timeout=60)
+        assert r.status_code == 200
+        np.testing.assert_allclose(r.json()["data"][0]["embedding"], embedder.encode([docs[0]["text"]])[0],
+                                   atol=1e-5)
+        hits = httpx.post(base + "/v1/search", json={"query": docs[3]["text"], "top_k": 3, "prompt_name": "document"},
+                          headers=auth, timeout=60).json()["data"][0]["hits"]
+        assert hits[0]["doc_id"] == docs[3]["id"]
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(120) == 0
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(base + "/health", timeout=5)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
