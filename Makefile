@@ -19,7 +19,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export RAY_USAGE_STATS_ENABLED ?= 0
 export REASONEMBED_DATA_DIR ?= $(abspath ../shared/data)
 
-.PHONY: install demo test test-fast lint bench doctor clean
+.PHONY: install demo demo-smoke test test-fast lint bench doctor clean
 
 install: $(VENV)/.installed
 
@@ -36,8 +36,11 @@ $(VENV)/.installed: pyproject.toml Makefile
 doctor: install
 	$(VENV)/bin/reasonembed doctor
 
-demo: install
-	$(PY) jobs/demo.py
+demo: install doctor
+	$(PY) jobs/pipeline.py
+
+demo-smoke: install
+	$(PY) jobs/pipeline.py --smoke
 
 lint: install
 	$(VENV)/bin/ruff check platform jobs serve tests bench

@@ -50,6 +50,11 @@ class EvaluateJobConfig(JobConfig):
         "dir); local: in this process (small corpora, no cluster)."
     )
     engine: EncodeEngineConfig = Field(default_factory=EncodeEngineConfig, description="Corpus encoding engine.")
+    prebuilt_index: str | None = Field(
+        None, description="Index folder written by `reasonembed encode` (<run>/encode/index) to search instead of "
+        "encoding the corpus again; single-task runs only. Its recorded model must match the embedder and it must "
+        "cover the task's corpus."
+    )
     index: IndexConfig = Field(default_factory=IndexConfig, description="FAISS index for the corpus.")
     max_queries: int | None = Field(None, ge=1, description="Only the first N queries per task (smoke runs).")
     name: str | None = Field(None, description="Row label in report.md (None: the model or retriever name).")

@@ -12,6 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from reasonembed.config.base import ConfigError
 from reasonembed.config.evaluate import EvaluateJobConfig
 from reasonembed.data.catalog import expand_specs, load_task
 from reasonembed.evaluation.bm25 import bm25_run
@@ -32,6 +33,8 @@ def run(cfg: EvaluateJobConfig) -> dict:
     """Evaluate every task of ``cfg`` and write the reports; returns {task key: nDCG@10, ..., 'report': path}."""
     t_start = time.time()
     specs = expand_specs(cfg.tasks)
+    if cfg.prebuilt_index and len(specs) != 1:
+        raise ConfigError(f"prebuilt_index serves one task, but tasks expand to {len(specs)}: {specs}")
     tasks = [load_task(s, cfg.data_dir, source=cfg.source) for s in specs]  # fail before any work on bad input
     if cfg.max_queries:
         tasks = [t.limit_queries(cfg.max_queries) for t in tasks]

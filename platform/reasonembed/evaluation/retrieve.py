@@ -16,7 +16,7 @@ import pyarrow as pa
 from reasonembed.config.encode import EncodeJobConfig
 from reasonembed.config.evaluate import EvaluateJobConfig
 from reasonembed.data.types import RetrievalTask
-from reasonembed.index.faiss_index import IndexSpec, SearchIndex
+from reasonembed.index.faiss_index import IndexMismatchError, IndexSpec, SearchIndex
 from reasonembed.models.embedder import Embedder
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,15 @@ def corpus_dataset_builder(task: RetrievalTask):
 def corpus_index(cfg: EvaluateJobConfig, task: RetrievalTask, embedder: Embedder) -> tuple[SearchIndex, dict]:
     """The task corpus's FAISS index: through the Ray Data encode job (cached per run) or in-process."""
     t0 = time.time()
+    if cfg.prebuilt_index:
+        index = SearchIndex.load(cfg.prebuilt_index, cfg.storage)
+        missing = set(task.corpus.ids) - set(index.doc_ids)
+        if missing:
+            raise IndexMismatchError(
+                f"prebuilt index {cfg.prebuilt_index} lacks {len(missing)} of the {len(task.corpus)} documents of "
+                f"{task.benchmark}/{task.name} (e.g. {sorted(missing)[:3]}); encode that corpus first"
+            )
+        return index, {"encode_s": 0.0, "prebuilt_index": cfg.prebuilt_index}
     if cfg.corpus_encoding == "local":
         res = embedder.encode_with_stats(task.corpus.texts)
         spec = IndexSpec(kind=cfg.index.kind, shard_size=cfg.index.shard_size)

@@ -1,0 +1,31 @@
+"""The end-to-end embedded default, as `make demo` runs it: python jobs/pipeline.py [--generator HF_MODEL] [--out DIR].
+
+Starts a private Ray head on 127.0.0.1, submits synthesize -> train -> encode -> evaluate as Ray jobs, serves the
+trained model once, stops everything and prints a summary (reasonembed.workflow).
+"""
+
+import argparse
+import sys
+
+from reasonembed.runtime import apply_env_defaults, setup_logging
+from reasonembed.workflow import run
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--out", default="runs", help="run root (local folder)")
+    ap.add_argument("--run-id", default="demo")
+    ap.add_argument("--generator", default=None, help="HF model for generation and annotation (default: tiny-qwen3)")
+    ap.add_argument("--no-base-eval", action="store_true", help="skip evaluating the base model")
+    ap.add_argument("--smoke", action="store_true", help="only the engine smoke test (vLLM via Ray Data + MiniLM)")
+    args = ap.parse_args()
+    apply_env_defaults()
+    setup_logging()
+    if args.smoke:
+        import json
+
+        from reasonembed.smoke import run as smoke
+
+        print(json.dumps(smoke(), indent=2))
+        sys.exit(0)
+    steps = run(out=args.out, run_id=args.run_id, generator=args.generator, eval_base=not args.no_base_eval)
+    sys.exit(0 if all(s.status == "SUCCEEDED" for s in steps) else 1)
