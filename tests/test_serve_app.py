@@ -328,9 +328,10 @@ def test_fuzzed_bytes_never_5xx(service, raw):
 
 # ---- load -----------------------------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_load_2000_requests_at_concurrency_16(service, corpus, embedder, tmp_path):
+def test_load_2000_requests_at_concurrency_16(service, corpus, embedder, scifact_dir, tmp_path):
     """A separate process sends 2,000 requests, 16 at a time: zero 5xx, every vector equals its reference."""
-    texts = [d["text"] for d in corpus[:60]] + [f"short query {i} about proteins" for i in range(40)]
+    queries = [json.loads(x)["text"] for x in (scifact_dir / "queries.jsonl").read_text().splitlines()[:80]]
+    texts = queries + [d["text"] for d in corpus[:20]]  # mostly short, some full-length: mixed batches
     (tmp_path / "texts.json").write_text(json.dumps(texts))
     np.save(tmp_path / "expect.npy", embedder.encode(texts))
     out = tmp_path / "load.json"

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_trainer import PROMPT, impliret_samples, job
 
 from reasonembed.redapter import faults
 from reasonembed.redapter.curves import read_events, read_rows
 from reasonembed.redapter.state import CheckpointMismatchError
 from reasonembed.redapter.trainer import TrainJobError, locations, run
-from test_trainer import PROMPT, impliret_samples, job
 
 pytestmark = pytest.mark.slow
 

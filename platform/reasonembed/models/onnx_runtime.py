@@ -195,6 +195,7 @@ def ensure_onnx(model_path: str | Path, precision: Precision = "fp32", fuse: boo
         tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=root))
         try:
             _export(model_path, tmp, precision, fuse, key)
+            tmp.chmod(0o755)  # mkdtemp makes it private; the cache is readable like any other
             os.replace(tmp, final_dir)  # atomic publish; nobody else holds the lock, so final_dir is absent
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -45,6 +45,12 @@ class RaySession:
         with ckpt.as_directory() as d:  # local storage: the folder itself; s3: a download
             yield Path(d)
 
+    def checkpoint_uri(self, run_uri: str, name: str) -> str:
+        """Where a reported checkpoint lands: Ray Train's run folder."""
+        from reasonembed.storage import join
+
+        return join(run_uri, name)
+
     def report(self, metrics: dict[str, Any], folder: Path | None, name: str) -> None:
         import ray.train
 
@@ -68,6 +74,9 @@ class LocalSession:
     def restored(self) -> Iterator[Path | None]:
         found = self.checkpoints()
         yield found[-1] if found else None
+
+    def checkpoint_uri(self, run_uri: str, name: str) -> str:
+        return str(self.root / name)
 
     def report(self, metrics: dict[str, Any], folder: Path | None, name: str) -> None:
         self.reports.append(dict(metrics))

@@ -1,5 +1,5 @@
 """Where training stands (``TrainState``), what a checkpoint must match to be resumed (``fingerprint``), and
-finding the newest checkpoint of a run in storage.
+finding the newest complete checkpoint of a run (``latest_checkpoint.json``).
 
 A checkpoint folder holds the strategy's own files (``ddp_state.pt``, or DeepSpeed's ``ds/`` tag folder with one
 optimizer partition per rank) plus ``train_state.json`` (this module) and ``metrics.jsonl`` (the step log up to
@@ -12,7 +12,6 @@ world size) must match; the error names each differing field. Settings that only
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -20,8 +19,8 @@ from reasonembed.config.base import StorageConfig
 from reasonembed.storage import Location
 
 STATE_FILE = "train_state.json"
+POINTER = "latest_checkpoint.json"
 CHECKPOINT_PREFIX = "checkpoint-"
-_CKPT_RE = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
 
 
 class CheckpointMismatchError(ValueError):
@@ -117,20 +116,25 @@ def checkpoint_name(step: int) -> str:
     return f"{CHECKPOINT_PREFIX}{step:08d}"
 
 
-def latest_checkpoint(run_uri: str, storage: StorageConfig | None = None) -> tuple[str, SavedState] | None:
-    """The newest checkpoint folder under a Ray Train run folder that has a train state, or None."""
-    loc = Location(run_uri, storage)
-    if not loc.exists():
-        return None
-    from pyarrow import fs as pafs
+def write_pointer(train_uri: str, checkpoint_uri: str, step: int, storage: StorageConfig | None = None) -> None:
+    """Record ``checkpoint_uri`` as the newest checkpoint whose files every rank has finished writing."""
+    Location(train_uri, storage).write_json(POINTER, {"uri": checkpoint_uri, "step": step})
 
-    infos = loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=False))
-    steps = sorted(
-        (int(m.group(1)), i.base_name) for i in infos
-        if i.type == pafs.FileType.Directory and (m := _CKPT_RE.match(i.base_name))
-    )
-    for _, name in reversed(steps):
-        sub = Location(loc.child(name), storage)
-        if sub.exists(STATE_FILE):
-            return sub.uri, SavedState.from_json(sub.read_bytes(STATE_FILE).decode(), sub.uri)
-    return None
+
+def latest_checkpoint(train_uri: str, storage: StorageConfig | None = None) -> tuple[str, SavedState] | None:
+    """The newest complete checkpoint of a run (from ``latest_checkpoint.json``), or None.
+
+    Why a pointer of our own: Ray Train's ``get_checkpoint()`` only knows checkpoints its controller registered
+    and snapshotted; a job killed right after a checkpoint upload can leave a complete checkpoint that Ray's
+    snapshot does not list. The workers write the pointer after a barrier that follows every rank's upload, so it
+    never names a checkpoint with a missing rank's files.
+    """
+    loc = Location(train_uri, storage)
+    if not loc.exists(POINTER):
+        return None
+    uri = loc.read_json(POINTER)["uri"]
+    ckpt = Location(uri, storage)
+    if not ckpt.exists(STATE_FILE):
+        raise CheckpointMismatchError(f"{loc.child(POINTER)} names {uri}, which has no {STATE_FILE}; the checkpoint "
+                                      "was deleted or moved. Remove the pointer file to start the run over.")
+    return uri, SavedState.from_json(ckpt.read_bytes(STATE_FILE).decode(), uri)

@@ -99,25 +99,26 @@ def static_model_info(cfg: TrainJobConfig) -> dict[str, Any]:
             "lora": cfg.lora.enabled if cfg.lora.enabled is not None else kind == "decoder", "precision": precision}
 
 
-def preflight_resume(cfg: TrainJobConfig, where: dict[str, str], planner: BatchPlanner, data: TrainingData) -> int:
-    """The step an existing checkpoint of this run resumes from (0: none); an incompatible one is an error here,
-    before any worker starts."""
+def preflight_resume(cfg: TrainJobConfig, where: dict[str, str], planner: BatchPlanner,
+                     data: TrainingData) -> tuple[str | None, int]:
+    """(checkpoint, step) this run resumes from ((None, 0): a fresh start); an incompatible checkpoint is an error
+    here, before any worker starts."""
     from reasonembed.redapter.state import latest_checkpoint
 
-    found = latest_checkpoint(where["ray"], cfg.storage)
+    found = latest_checkpoint(where["train"], cfg.storage)
     if found is None and cfg.checkpointing.resume_from:
         loc = Location(cfg.checkpointing.resume_from, cfg.storage)
         if not loc.exists("train_state.json"):
             raise CheckpointMismatchError(f"checkpointing.resume_from: {loc.uri} has no train_state.json")
         found = (loc.uri, SavedState.from_json(loc.read_bytes("train_state.json").decode(), loc.uri))
     if found is None:
-        return 0
+        return None, 0
     uri, saved = found
     current = fingerprint(cfg, cfg.scaling.num_workers, static_model_info(cfg), data_info(planner, data))
     current = {k: v for k, v in current.items() if v is not None}
     check_compatible({k: saved.fingerprint.get(k) for k in current}, current, where=uri)
     log.info("resuming from %s (optimizer step %d)", uri, saved.state.global_step)
-    return saved.state.global_step
+    return uri, saved.state.global_step
 
 
 def _ray_storage(uri: str, storage: StorageConfig | None):
@@ -166,7 +167,7 @@ def run(cfg: TrainJobConfig) -> dict[str, Any]:
         stage.write_errors(data.errors, 0)
     planner = BatchPlanner(data, cfg.data, world_size=cfg.scaling.num_workers, rank=0, seed=cfg.seed)
     per_epoch, total = total_steps(planner, cfg)
-    start_step = preflight_resume(cfg, where, planner, data)
+    resume_uri, start_step = preflight_resume(cfg, where, planner, data)
     instruction, prompts = export_prompts(cfg, data)
 
     ray = connect_ray(cfg.ray)
@@ -184,11 +185,13 @@ def run(cfg: TrainJobConfig) -> dict[str, Any]:
         "job": cfg.model_dump(mode="json"),
         "table": ray.put(data.table),
         "run_uri": where["train"],
+        "ray_uri": where["ray"],
         "export_uri": where["model"],
         "prompts": prompts,
         "instruction": instruction,
         "threads": threads,
-        "resume_from": cfg.checkpointing.resume_from,
+        # Used when Ray Train has no checkpoint of its own for this run (see state.latest_checkpoint).
+        "resume_from": resume_uri,
         "fault": faults.fault_from_env(),
     }
     trainer = TorchTrainer(
@@ -212,7 +215,7 @@ def run(cfg: TrainJobConfig) -> dict[str, Any]:
     except Exception as exc:  # Ray Train wraps worker errors in TrainingFailedError subclasses
         from reasonembed.redapter.state import latest_checkpoint
 
-        found = latest_checkpoint(where["ray"], cfg.storage)
+        found = latest_checkpoint(where["train"], cfg.storage)
         hint = (f"the latest checkpoint is {found[0]} (step {found[1].state.global_step}); submitting the same job "
                 "again resumes from it") if found else "no checkpoint was written"
         raise TrainJobError(f"training failed after max_failures={cfg.max_failures} restarts: {exc}\n{hint}") from exc
@@ -244,7 +247,8 @@ def _finish(cfg: TrainJobConfig, where: dict[str, str], data: TrainingData, resu
         "final_loss": rows[-1]["loss"] if rows else None,
         "resumed_from_steps": [e["step"] for e in events if e["event"] == "resume"],
         "attempts": max((e.get("attempt", 1) for e in events), default=1),
-        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        # Ray reports the path inside its filesystem (no s3:// scheme): name it under the run folder instead.
+        "checkpoint": join(where["ray"], Path(result.checkpoint.path).name) if result.checkpoint else None,
         "train_dir": where["train"],
         "metrics_log": join(where["train"], METRICS_JSONL),
         "plot": plot_uri,

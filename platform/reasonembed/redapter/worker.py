@@ -49,6 +49,7 @@ from reasonembed.redapter.state import (
     check_compatible,
     checkpoint_name,
     fingerprint,
+    write_pointer,
 )
 
 log = logging.getLogger(__name__)
@@ -281,6 +282,13 @@ def _after_step(cfg: TrainJobConfig, args, session, engine, mlog: MetricsLog, st
             mlog.save_checkpoint(folder)
         has_files = any(folder.iterdir())
         session.report(metrics, folder if has_files else None, checkpoint_name(step))
+    # report() returns once this rank's files are uploaded; after the barrier every rank's are, and the
+    # checkpoint can be named as the run's newest complete one.
+    if session.world_size > 1:
+        torch.distributed.barrier()
+    if rank == 0:
+        uri = session.checkpoint_uri(args.get("ray_uri", ""), checkpoint_name(step))
+        write_pointer(args["run_uri"], uri, step, cfg.storage)
 
 
 def _export(cfg: TrainJobConfig, args, bundle: ModelBundle, precision: str, state: TrainState) -> None:

@@ -107,7 +107,8 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         if s.get("errors_by_reason"):
             line += f" {s['errors_by_reason']}"
         if s.get("generated_tokens"):
-            line += f", {s['generated_tokens']} tokens at {s['tokens_per_s']} tok/s"
+            line += (f", {s['generated_tokens']} tokens: {s['steady_tokens_per_s']} tok/s once the engine is up, "
+                     f"{s['tokens_per_s']} tok/s with start-up")
         lines.append(line)
     lines.append(f"scores {report['score_histogram']}, samples {report['samples']}, pos/query "
                  f"{report['pos_per_query']}, neg/query {report['neg_per_query']}, candidates equal to source "
