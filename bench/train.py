@@ -37,13 +37,15 @@ def parse() -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--batch", type=int, default=16, help="queries per step (global)")
     p.add_argument("--group", type=int, default=4, help="passages per query: 1 positive + group-1 mined negatives")
-    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--max-length", type=int, default=256, help="MiniLM's own limit; ImpliRet posts are ~170 tokens")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--temperature", type=float, default=0.02)
     p.add_argument("--workers", type=int, default=1, help="Ray Train workers (the batch is split across them)")
     p.add_argument("--threads", type=int, default=2, help="torch threads per process (ours: per worker)")
     p.add_argument("--out", default=None, help="work folder (default: a temporary one)")
     p.add_argument("--skip-st", action="store_true", help="skip the sentence-transformers baseline")
+    p.add_argument("--limit-train", type=int, default=None, help="smoke runs: first N training queries only")
+    p.add_argument("--limit-test", type=int, default=None, help="smoke runs: first N test queries only")
     return p.parse_args()
 
 
@@ -133,6 +135,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     task = load_beir_folder(Path(args.data_dir) / "impliret" / "wknow-multispeaker", benchmark="impliret")
     train_q, test_q = split_ids(task)
+    train_q, test_q = train_q[:args.limit_train], test_q[:args.limit_test]
     print(f"ImpliRet wknow-multispeaker: {len(task.corpus)} docs, {len(train_q)} train / {len(test_q)} test queries")
 
     t0 = time.time()

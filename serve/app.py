@@ -35,8 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import protocol  # noqa: E402
 from protocol import EmbeddingRequest, ErrorResponse, SearchRequest  # noqa: E402
 
-from reasonembed.config.base import ConfigError, apply_overrides, format_validation_error, read_yaml  # noqa: E402
-from reasonembed.config.serve import ServeJobConfig  # noqa: E402
+from reasonembed.config.serve import ServeJobConfig, config_from_args  # noqa: E402
 from reasonembed.serving import INGRESS_DEPLOYMENT, MODEL_DEPLOYMENT  # noqa: E402
 from reasonembed.serving.auth import load_api_key  # noqa: E402
 from reasonembed.serving.batcher import make_batcher  # noqa: E402
@@ -52,7 +51,7 @@ from reasonembed.serving.errors import (  # noqa: E402
 )
 from reasonembed.serving.gate import GateSettings, RequestGate, configure_gate  # noqa: E402
 from reasonembed.serving.metrics import ModelMetrics, api_metrics, local_metrics_text  # noqa: E402
-from reasonembed.serving.search import Retriever  # noqa: E402
+from reasonembed.serving.search import Retriever, per_query_exclusions  # noqa: E402
 from reasonembed.serving.vectors import matryoshka, wire_vectors  # noqa: E402
 
 # Replicas unpickle these classes without importing serve/ (it is not an installed package), so pickle this module
@@ -178,7 +177,10 @@ class EmbeddingAPI:
     async def __init__(self, model, cfg: dict[str, Any]):
         self.cfg = ServeJobConfig.model_validate(cfg)
         self.limits = self.cfg.limits
-        configure_gate(GateSettings(load_api_key(self.cfg.auth), self.limits.max_body_bytes))
+        self.metrics = api_metrics()
+        configure_gate(GateSettings(load_api_key(self.cfg.auth), self.limits.max_body_bytes,
+                                    on_reject=lambda path, status: self.metrics.observe(
+                                        path.rsplit("/", 1)[-1] or "root", status, 0.0)))
         self.model = model
         self.encoder = await model.describe.remote()  # waits for a warmed-up model replica
         self.name = self.cfg.served_model_name or self.cfg.embedder.model
@@ -188,7 +190,6 @@ class EmbeddingAPI:
         if self.cfg.index:
             self.retriever = await asyncio.to_thread(Retriever.load, self.cfg.index, self.cfg.storage)
             self.retriever.check_compatible(self.encoder)  # IndexMismatchError fails the deployment, loudly
-        self.metrics = api_metrics()
 
     # -- helpers --
     def _check_model(self, model: str | None) -> None:
@@ -281,18 +282,7 @@ class EmbeddingAPI:
             if body.top_k > self.limits.max_top_k:
                 raise InvalidRequest(f"top_k {body.top_k} exceeds limits.max_top_k {self.limits.max_top_k}",
                                      param="top_k")
-            excluded = body.excluded_ids
-            if excluded is not None and excluded and isinstance(excluded[0], list):
-                if len(excluded) != len(queries):
-                    raise InvalidRequest(f"excluded_ids has {len(excluded)} lists for {len(queries)} queries; send "
-                                         "one list per query or one flat list for all", param="excluded_ids")
-                n_excluded = sum(len(x) for x in excluded)
-            else:
-                n_excluded = len(excluded or [])
-                excluded = [excluded or []] * len(queries)
-            if n_excluded > self.limits.max_excluded_ids:
-                raise PayloadTooLarge(f"excluded_ids has {n_excluded} ids; the limit is "
-                                      f"{self.limits.max_excluded_ids} (limits.max_excluded_ids)", param="excluded_ids")
+            excluded = per_query_exclusions(body.excluded_ids, len(queries), self.limits.max_excluded_ids)
             if self.retriever is None:
                 raise NotFound("no index is loaded: start the service with --index <encode output folder>",
                                code="no_index")
@@ -343,35 +333,9 @@ class EmbeddingAPI:
 
 
 # ---- application builder ---------------------------------------------------------------------------------------
-def _merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def config_from_args(args: dict[str, Any] | ServeJobConfig | None) -> ServeJobConfig:
-    """A ServeJobConfig from builder args: ``config`` (YAML path), ``overrides`` (``a.b=c`` list), dotted keys
-    (``serve run app:build_app embedder.model=minilm``) and nested fields, applied in that order."""
-    if isinstance(args, ServeJobConfig):
-        return args
-    args = dict(args or {})
-    path = args.pop("config", None)
-    overrides = list(args.pop("overrides", None) or [])
-    dotted = [f"{k}={v}" for k, v in args.items() if "." in k]
-    nested = {k: v for k, v in args.items() if "." not in k}
-    data = apply_overrides(_merge(read_yaml(path) if path else {}, nested), overrides + dotted)
-    try:
-        return ServeJobConfig.model_validate(data)
-    except Exception as exc:  # pydantic ValidationError -> one line per field path
-        if hasattr(exc, "errors"):
-            raise ConfigError(format_validation_error(exc, str(path or "serve args"))) from exc
-        raise
-
-
 def build_app(args: dict[str, Any] | ServeJobConfig | None = None):
     """The Serve application (``serve run app:build_app``, ``serve deploy serve/config.yaml``, launch.py)."""
-    cfg = config_from_args(args)
+    cfg = args if isinstance(args, ServeJobConfig) else config_from_args(args)
     data = cfg.model_dump(mode="json")
     a, r, lim = cfg.autoscaling, cfg.replica, cfg.limits
     actor: dict[str, Any] = {"num_cpus": r.num_cpus, "num_gpus": r.num_gpus}

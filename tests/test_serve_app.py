@@ -75,7 +75,7 @@ def service(ray_local, encoded):
 
     port = start_serve("127.0.0.1", free_port())
     serve.run(build_app({
-        "app_name": APP, "embedder": {"model": "minilm", "num_threads": 2}, "index": encoded["stage"],
+        "app_name": APP, "embedder": {"model": "minilm"}, "index": encoded["stage"],
         "prompts": {"scifact": "Given a scientific claim, retrieve documents that support or refute the claim"},
         "batching": {"max_batch_size": 32, "token_budget": 4096, "wait_timeout_s": 0.01},
         "replica": {"num_cpus": 1}, "limits": {"max_top_k": 50},

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from reasonembed.config.base import ConfigError, load_model
 from reasonembed.config.embedder import EmbedderConfig
-from reasonembed.config.serve import AuthConfig, BatchingConfig, ServeJobConfig
+from reasonembed.config.serve import AuthConfig, BatchingConfig, ServeJobConfig, config_from_args
 from reasonembed.serving.auth import AuthConfigError, bearer_ok, load_api_key
 from reasonembed.serving.engine import Chunk, EmbedCall, EmbeddingEngine
 from reasonembed.serving.errors import ContextLengthExceeded, InvalidRequest, Overloaded
@@ -235,6 +235,19 @@ def test_retriever_resolves_encode_output_and_reads_texts(tmp_path, s3_server):
         Retriever.load(str(tmp_path))
 
 
+def test_per_query_exclusions():
+    from reasonembed.serving.errors import PayloadTooLarge
+    from reasonembed.serving.search import per_query_exclusions
+
+    assert per_query_exclusions(None, 2, 10) == [[], []]
+    assert per_query_exclusions(["a"], 2, 10) == [["a"], ["a"]]
+    assert per_query_exclusions([["a"], []], 2, 10) == [["a"], []]
+    with pytest.raises(InvalidRequest, match="2 queries"):
+        per_query_exclusions([["a"]], 2, 10)
+    with pytest.raises(PayloadTooLarge):
+        per_query_exclusions(["a", "b", "c"], 1, 2)
+
+
 # ---- config and CLI -------------------------------------------------------------------------------------------
 def test_serve_config_fields_and_flags():
     cfg = ServeJobConfig()
@@ -286,22 +299,21 @@ def test_launch_config_errors_exit_2(tmp_path, capsys):
 
 def test_builder_args_and_serve_config_yaml():
     """serve/config.yaml is a valid Serve deploy config whose app args build a valid ServeJobConfig."""
+    import app
     import yaml
     from ray.serve.schema import ServeDeploySchema
-
-    import app
 
     raw = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())
     schema = ServeDeploySchema.model_validate(raw)
     (spec,) = schema.applications
     assert spec.import_path == "app:build_app"
     assert schema.http_options.host == "127.0.0.1"
-    cfg = app.config_from_args(spec.args)
+    cfg = config_from_args(spec.args)
     assert cfg.app_name == spec.name
-    cfg = app.config_from_args({**spec.args, "embedder.model": "tiny-qwen3", "overrides": ["port=9002"]})
+    cfg = config_from_args({**spec.args, "embedder.model": "tiny-qwen3", "overrides": ["port=9002"]})
     assert cfg.embedder.model == "tiny-qwen3" and cfg.port == 9002
     with pytest.raises(ConfigError, match="batching.wait_timeout_s"):
-        app.config_from_args({"batching": {"wait_timeout_s": -1}})
+        config_from_args({"batching": {"wait_timeout_s": -1}})
     built = app.build_app({"embedder": {"model": "minilm"}})
     assert built is not None
 

@@ -47,9 +47,9 @@ def impliret_samples(data_dir: Path, out: Path, n: int = 16, n_neg: int = 3, gro
     return write_jsonl(rows, out / "impliret.jsonl").parent
 
 
-def job(data: Path, out: Path, model: str = "tiny-qwen3", **over) -> TrainJobConfig:
+def job(samples_dir: Path, out: Path | str, model: str = "tiny-qwen3", **over) -> TrainJobConfig:
     base = {
-        "data": {"paths": str(data)}, "out": str(out), "embedder": {"model": model, "max_length": 32},
+        "data": {"paths": str(samples_dir)}, "out": str(out), "embedder": {"model": model, "max_length": 32},
         "loss": {"ri_start_step": 1}, "optim": {"max_steps": 3}, "checkpointing": {"every_n_steps": 2},
     }
     for key, value in over.items():
@@ -142,7 +142,7 @@ def samples(data_dir, tmp_path_factory) -> Path:
 
 
 def test_local_loop_lora_checkpoint_resume_and_mismatch(samples, tmp_path, tiny_qwen3_path):
-    cfg = job(samples, tmp_path)
+    cfg = job(samples, tmp_path, data={"train_group_size": 5})  # 4 negatives needed, 3 available: repeated
     session = LocalSession(tmp_path / "ckpt")
     first = run_worker(worker_args(cfg, tmp_path), session)
     assert first["state"].global_step == 3 and not first["resumed"]
@@ -159,9 +159,10 @@ def test_local_loop_lora_checkpoint_resume_and_mismatch(samples, tmp_path, tiny_
     assert rows[0]["lr"] == 0.0 and rows[1]["lr"] == pytest.approx(1e-4)  # warmup of 1 step, then decay
     assert sum(r["n_without_reasoning"] for r in rows) > 0  # rows without reasoning_query are counted
     assert all(r["truncated"] > 0 for r in rows)  # ImpliRet posts are longer than 32 tokens: cut and counted
+    assert all(r["repeated_groups"] == 2 and r["passages"] == 10 for r in rows)  # 2 queries x group 5
 
     # The same job again with more steps continues at step 3 from the newest checkpoint, not from zero.
-    longer = job(samples, tmp_path, optim={"max_steps": 5})
+    longer = job(samples, tmp_path, data={"train_group_size": 5}, optim={"max_steps": 5})
     second = run_worker(worker_args(longer, tmp_path), session)
     assert second["resumed"] and second["state"].global_step == 5 and second["state"].attempt == 2
     rows = read_rows(str(tmp_path / "train"))
@@ -180,7 +181,8 @@ def test_local_loop_lora_checkpoint_resume_and_mismatch(samples, tmp_path, tiny_
 
     # A different recipe refuses to resume and names the setting.
     with pytest.raises(CheckpointMismatchError, match=r"lora\.r: checkpoint 32 != config 8"):
-        run_worker(worker_args(job(samples, tmp_path, lora={"r": 8}, optim={"max_steps": 6}), tmp_path), session)
+        run_worker(worker_args(job(samples, tmp_path, data={"train_group_size": 5}, lora={"r": 8},
+                                   optim={"max_steps": 6}), tmp_path), session)
 
 
 def test_local_loop_minilm_full_finetune_with_accumulation(samples, tmp_path, minilm_path):

@@ -62,14 +62,20 @@ def assert_st_matches_embedder(folder: str, instruction: str) -> None:
     st = SentenceTransformer(folder, device="cpu")
     assert st.prompts["query"] == f"Instruct: {instruction}\nQuery: " and st.prompts["document"] == ""
     emb = Embedder(EmbedderConfig(model=folder, device="cpu", query_instruction=instruction))
+    # Inputs within max_length: for cut inputs the Embedder keeps one token less than sentence-transformers when the
+    # tokenizer itself appends EOS (reported to the Embedder's owner).
+    assert not any(emb.token_ids_with_flags(emb.format_queries(queries) + docs)[1])
     np.testing.assert_allclose(st.encode(queries, prompt_name="query"), emb.encode(queries, is_query=True), atol=1e-5)
     np.testing.assert_allclose(st.encode(docs), emb.encode(docs), atol=1e-5)
 
 
 def test_ddp_two_workers_killed_worker_resumes_from_checkpoint(ray_local, samples, data_dir, tmp_path, monkeypatch):
     marker = arm_kill(monkeypatch, tmp_path, step=3, rank=1)  # after step 3; the newest checkpoint is step 2
-    cfg = job(samples, tmp_path / "runs", model="minilm", optim={"max_steps": 4}, scaling={"num_workers": 2},
-              max_failures=1, eval={"data": str(dev_set(data_dir, tmp_path / "dev")), "max_queries": 8})
+    broken = tmp_path / "broken.jsonl"  # a row without positives: set aside in train/errors/, never trained on
+    broken.write_text(json.dumps({"prompt": PROMPT, "query": "q", "pos": [], "neg": ["n"]}) + "\n")
+    cfg = job(samples, tmp_path / "runs", model="minilm", data={"paths": [str(samples), str(broken)]},
+              optim={"max_steps": 4}, scaling={"num_workers": 2}, max_failures=1,
+              eval={"data": str(dev_set(data_dir, tmp_path / "dev")), "max_queries": 8})
     summary = run(cfg)
 
     assert marker.is_file(), "the fault was not triggered"
@@ -85,7 +91,9 @@ def test_ddp_two_workers_killed_worker_resumes_from_checkpoint(ray_local, sample
     assert Path(where["train"], "curves.png").stat().st_size > 10_000
     assert Path(where["train"], "metrics.csv").read_text().startswith("step,")
     manifest = json.loads(Path(where["train"], "_manifest.json").read_text())
-    assert manifest["status"] == "complete" and manifest["rows_out"] == 16
+    assert manifest["status"] == "complete" and manifest["rows_out"] == 16 and manifest["rows_error"] == 1
+    assert manifest["errors_by_reason"] == {"no_positive": 1}
+    assert Path(where["train"], "errors", "part-00000.parquet").is_file()
 
     assert_st_matches_embedder(summary["model_path"], PROMPT)
     ev = summary["eval"]
@@ -101,7 +109,7 @@ def test_deepspeed_zero1_on_s3_failed_job_resubmitted_resumes(ray_local, s3_serv
 
     out = f"s3://reasonembed/train-{uuid.uuid4().hex[:8]}"
     cfg = job(samples, out, model="tiny-qwen3", strategy="deepspeed", zero_stage=1, optim={"max_steps": 4},
-              scaling={"num_workers": 2}, max_failures=0)
+              scaling={"num_workers": 2}, max_failures=0, embedder={"max_length": 96})
     marker = arm_kill(monkeypatch, tmp_path, step=3, rank=0)
     with pytest.raises(TrainJobError, match=r"checkpoint-00000002 \(step 2\).*again resumes"):
         run(cfg)
@@ -129,6 +137,6 @@ def test_deepspeed_zero1_on_s3_failed_job_resubmitted_resumes(ray_local, s3_serv
 
     # Another recipe on the same run: refused before any worker starts, naming the settings.
     other = job(samples, out, model="tiny-qwen3", strategy="ddp", lora={"r": 8}, optim={"max_steps": 4},
-                scaling={"num_workers": 2})
+                scaling={"num_workers": 2}, embedder={"max_length": 96})
     with pytest.raises(CheckpointMismatchError, match=r"(?s)lora\.r: checkpoint 32 != config 8.*strategy"):
         run(other)

@@ -10,11 +10,18 @@ Batching arithmetic: a Serve batch holds whole request chunks while ``rows x lon
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, model_validator
 
-from reasonembed.config.base import JobConfig, StrictModel
+from reasonembed.config.base import (
+    ConfigError,
+    JobConfig,
+    StrictModel,
+    apply_overrides,
+    format_validation_error,
+    read_yaml,
+)
 from reasonembed.config.embedder import EmbedderConfig
 
 
@@ -158,3 +165,26 @@ class ServeJobConfig(JobConfig):
                 "input would never fit a batch"
             )
         return self
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def config_from_args(args: dict[str, Any] | None) -> ServeJobConfig:
+    """A ServeJobConfig from Serve application args (``serve/config.yaml`` ``args:``, ``serve run app:build_app
+    k=v``): ``config`` (a YAML path), nested fields, ``overrides`` (``a.b=c`` list) and dotted keys
+    (``embedder.model=minilm``), applied in that order. Errors name the field path."""
+    args = dict(args or {})
+    path = args.pop("config", None)
+    overrides = list(args.pop("overrides", None) or [])
+    dotted = [f"{k}={v}" for k, v in args.items() if "." in k]
+    nested = {k: v for k, v in args.items() if "." not in k}
+    data = apply_overrides(_merge(read_yaml(path) if path else {}, nested), overrides + dotted)
+    try:
+        return ServeJobConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, str(path or "serve args"))) from exc

@@ -300,6 +300,14 @@ class SynthesizeJobConfig(JobConfig):
     overwrite: bool = Field(
         False, description="Discard stages started under a different config instead of refusing to mix them."
     )
+    batch_invariant: bool = Field(
+        True,
+        description="Make each generated text independent of how requests were batched, so shards re-done after a "
+        "kill are byte-identical to an uninterrupted run. GPU: vLLM's batch-invariant kernels "
+        "(VLLM_BATCH_INVARIANT=1). CPU: one sequence per engine step, no prefix caching, no chunked prefill. It costs "
+        "throughput; false keeps exactly-once (no row lost or duplicated) but a re-done shard may differ where "
+        "batched float arithmetic flips a sampled token.",
+    )
     stop_after: Literal["prepare", "generate", "reason", "mine", "annotate"] | None = Field(
         None, description="Stop after this stage (e.g. inspect sources or queries before paying for annotation)."
     )

@@ -156,9 +156,14 @@ def _export(model_path: Path, out_dir: Path, precision: Precision, fuse: bool, k
         opt.save_model_to_file(str(graph))
     final = out_dir / "model.onnx"
     if precision == "int8":
+        import onnx
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
-        quantize_dynamic(str(graph), str(final), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"])
+        # The fused graph has contrib ops (Attention, SkipLayerNormalization) shape inference cannot type, hence
+        # DefaultTensorType; Attention becomes QAttention, MatMul becomes MatMulInteger.
+        quantize_dynamic(str(graph), str(final), weight_type=QuantType.QInt8,
+                         op_types_to_quantize=["MatMul", "Attention"],
+                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
     else:
         os.replace(graph, final)
     for tmp in (raw, out_dir / "fused.onnx"):

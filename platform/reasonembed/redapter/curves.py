@@ -41,7 +41,7 @@ def from_jsonl(data: bytes) -> list[dict[str, Any]]:
 # Column order of metrics.csv (JSON rows come back with sorted keys); unknown keys follow in order of appearance.
 COLUMNS = ("step", "epoch", "domain", "loss", "loss_unweighted", "ri_active", "ri_min", "ri_max", "ri_mean",
            "ri_median", "n_without_reasoning", "lr", "grad_norm", "queries", "passages", "tokens", "truncated",
-           "step_time_s", "samples_per_s", "passages_per_s", "attempt", "time")
+           "repeated_groups", "step_time_s", "samples_per_s", "passages_per_s", "attempt", "time")
 
 
 def to_csv(rows: list[dict[str, Any]]) -> bytes:

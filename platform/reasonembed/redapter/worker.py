@@ -94,7 +94,7 @@ class _StepStats:
     def __init__(self):
         self.n = 0
         self.loss = self.unweighted = 0.0
-        self.queries = self.passages = self.tokens = self.truncated = self.without_reasoning = 0
+        self.queries = self.passages = self.tokens = self.truncated = self.without_reasoning = self.repeated = 0
         self.ri: dict[str, list[float]] = {"min": [], "max": [], "mean": [], "median": []}
         self.ri_active = False
         self.domains: list[str] = []
@@ -119,8 +119,8 @@ def _micro_step(bundle: ModelBundle, engine, loss_fn: RIInfoNCELoss, batch: Loca
             rq_emb = bundle.module.encode_frozen(rq_in) if rq_in is not None else None
             out = loss_fn(q_emb, p_emb, rq_emb, has_reasoning=batch.has_reasoning, step=step)
         engine.backward(out.loss)
-    counts = all_reduce_sum(torch.tensor([sum(map(len, q_ids)) + sum(map(len, p_ids)),
-                                          sum(q_cut) + sum(p_cut), len(p_ids)], dtype=torch.float64), ctx)
+    counts = all_reduce_sum(torch.tensor([sum(map(len, q_ids)) + sum(map(len, p_ids)), sum(q_cut) + sum(p_cut),
+                                          len(p_ids), batch.n_repeated_groups], dtype=torch.float64), ctx)
     stats.n += 1
     stats.loss += out.value
     stats.unweighted += out.unweighted_loss
@@ -128,6 +128,7 @@ def _micro_step(bundle: ModelBundle, engine, loss_fn: RIInfoNCELoss, batch: Loca
     stats.passages += int(counts[2])
     stats.tokens += int(counts[0])
     stats.truncated += int(counts[1])
+    stats.repeated += int(counts[3])
     stats.without_reasoning += out.n_without_reasoning
     stats.ri_active = stats.ri_active or out.ri_active
     stats.domains.append(batch.domain)
@@ -156,7 +157,8 @@ def _row(state: TrainState, stats: _StepStats, lr: float, grad_norm: float | Non
         "queries": stats.queries,
         "passages": stats.passages,
         "tokens": stats.tokens,
-        "truncated": stats.truncated,
+        "truncated": stats.truncated,  # inputs cut to max_length (queries and passages, all ranks)
+        "repeated_groups": stats.repeated,  # queries whose negatives were repeated to fill the group
         "step_time_s": dt,
         "samples_per_s": stats.queries / dt if dt > 0 else None,
         "passages_per_s": stats.passages / dt if dt > 0 else None,

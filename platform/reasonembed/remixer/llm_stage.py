@@ -76,6 +76,7 @@ def run_llm_shards(
     *,
     id_column: str,
     keep_columns: list[str],
+    batch_invariant: bool = True,
 ) -> LLMStageStats:
     """Generate for every pending shard of ``rows`` and commit each shard through ``postprocess``.
 
@@ -88,6 +89,7 @@ def run_llm_shards(
         postprocess: turns a shard's generated rows into its part and error tables.
         id_column: unique row id (also seeds sampling).
         keep_columns: input columns carried to the output rows.
+        batch_invariant: run the engine in batch-invariant mode (:func:`batch_invariant_engine`).
     """
     from reasonembed.llm import generate
 
@@ -111,7 +113,8 @@ def run_llm_shards(
     log.info("%s: %d rows in %d shards to generate (%d shards done before)", stage.stage, stats.rows_sent,
              len(todo), stats.shards_done_before)
     ds = ray.data.from_arrow([by_shard[s] for s in todo])
-    out = generate(ds, cpu_seed_safe(engine), build_messages, id_column=id_column, keep_columns=keep_columns)
+    engine = cpu_seed_safe(batch_invariant_engine(engine) if batch_invariant else engine)
+    out = generate(ds, engine, build_messages, id_column=id_column, keep_columns=keep_columns)
     got: dict[str, list[pa.Table]] = defaultdict(list)
     seen: dict[str, set] = defaultdict(set)
     t0 = time.time()
@@ -142,6 +145,24 @@ def run_llm_shards(
         raise RuntimeError(f"{stage.stage}: the engine returned no output for some rows (shard: missing rows) "
                            f"{missing}; re-run to retry these shards")
     return stats
+
+
+def batch_invariant_engine(engine: LLMEngineConfig) -> LLMEngineConfig:
+    """An engine whose outputs do not depend on batch composition (exact re-generation after a kill).
+
+    Seeds alone are not enough: vLLM batches requests, and a batch of another size or make-up rounds differently,
+    which can flip a sampled token (measured here: one of six tiny-model queries differed after a resume). GPU:
+    vLLM's batch-invariant kernels (``VLLM_BATCH_INVARIANT=1`` in the engine actors' environment). CPU, which has no
+    such kernels: one sequence per engine step (``max_num_seqs=1``), prefix caching and chunked prefill off, so every
+    request is computed with the same shapes whatever else is queued. Keys set in engine_kwargs win.
+    """
+    if engine.on_cpu:
+        kwargs = {"max_num_seqs": 1, "enable_prefix_caching": False, "enable_chunked_prefill": False,
+                  "max_num_batched_tokens": max(engine.max_model_len, 2048), **engine.engine_kwargs}
+        return engine.model_copy(update={"engine_kwargs": kwargs})
+    env = dict(engine.runtime_env or {})
+    env["env_vars"] = {"VLLM_BATCH_INVARIANT": "1", **dict(env.get("env_vars") or {})}
+    return engine.model_copy(update={"runtime_env": env})
 
 
 def cpu_seed_safe(engine: LLMEngineConfig) -> LLMEngineConfig:

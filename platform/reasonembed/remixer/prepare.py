@@ -179,7 +179,8 @@ def _domain_filter(ctx: Context, h: str, eligible: dict[str, list[tuple[str, str
         return error_table(keep_rows, FILTER_SCHEMA), error_table(errs, ERROR_SCHEMA)
 
     stats = run_llm_shards(stage, table, shards, filter_engine(ctx), FilterMessages(ctx.profiles), post,
-                           id_column="row_id", keep_columns=["domain", "doc_id", "shard"])
+                           id_column="row_id", keep_columns=["domain", "doc_id", "shard"],
+                           batch_invariant=ctx.cfg.batch_invariant)
     verdicts = stage.read_parts()
     errors = stage.read_errors().to_pylist()
     keep = set()

@@ -24,6 +24,7 @@ class GateSettings:
     api_key: str | None
     max_body_bytes: int
     public_paths: frozenset[str] = field(default_factory=lambda: frozenset({"/health", "/ready"}))
+    on_reject: Callable[[str, int], None] | None = None  # (path, status) of requests the gate answers (metrics)
 
     def __repr__(self) -> str:  # never print the key
         return f"GateSettings(auth={'on' if self.api_key else 'off'}, max_body_bytes={self.max_body_bytes})"
@@ -67,16 +68,22 @@ class RequestGate:
         if root and path.startswith(root):
             path = path[len(root):] or "/"
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+
+        async def reject(err: ServingError) -> None:
+            if s.on_reject is not None:
+                s.on_reject(path, err.status)
+            await send_error(send, err)
+
         if s.api_key and path not in s.public_paths and not bearer_ok(headers.get("authorization"), s.api_key):
             err = Unauthorized("missing or invalid API key: send the header 'Authorization: Bearer <key>'")
             err.headers["WWW-Authenticate"] = "Bearer"
-            return await send_error(send, err)
+            return await reject(err)
         too_large = PayloadTooLarge(f"request body exceeds the {s.max_body_bytes}-byte limit "
                                     "(limits.max_body_bytes); send fewer or shorter inputs per request",
                                     param="body")
         declared = headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > s.max_body_bytes:
-            return await send_error(send, too_large)
+            return await reject(too_large)
         if scope.get("method") not in ("POST", "PUT", "PATCH"):
             return await self.app(scope, receive, send)
         chunks, size = [], 0
@@ -87,7 +94,7 @@ class RequestGate:
             part = msg.get("body", b"")
             size += len(part)
             if size > s.max_body_bytes:
-                return await send_error(send, too_large)
+                return await reject(too_large)
             chunks.append(part)
             if not msg.get("more_body", False):
                 break

@@ -15,6 +15,7 @@ import numpy as np
 
 from reasonembed.config.base import StorageConfig
 from reasonembed.index.faiss_index import META, SearchIndex
+from reasonembed.serving.errors import InvalidRequest, PayloadTooLarge
 from reasonembed.storage import Location, join
 
 TEXTS = "texts.parquet"
@@ -72,3 +73,19 @@ class Retriever:
     def describe(self) -> dict:
         return {"uri": self.uri, "ntotal": self.index.ntotal, "dim": self.index.dim,
                 "kind": self.index.meta.get("kind"), "texts": self.texts is not None}
+
+
+def per_query_exclusions(excluded: list | None, n_queries: int, limit: int) -> list[list[str]]:
+    """``excluded_ids`` of a search request as one list per query: a flat list applies to every query, a list of
+    lists must have one list per query (400 otherwise); more than ``limit`` ids in total is a 413."""
+    if excluded and isinstance(excluded[0], list):
+        if len(excluded) != n_queries:
+            raise InvalidRequest(f"excluded_ids has {len(excluded)} lists for {n_queries} queries; send one list "
+                                 "per query or one flat list for all", param="excluded_ids")
+        total, per_query = sum(len(x) for x in excluded), [list(x) for x in excluded]
+    else:
+        total, per_query = len(excluded or []), [list(excluded or [])] * n_queries
+    if total > limit:
+        raise PayloadTooLarge(f"excluded_ids has {total} ids; the limit is {limit} (limits.max_excluded_ids)",
+                              param="excluded_ids")
+    return per_query
