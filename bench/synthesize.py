@@ -7,10 +7,12 @@ tiny pipeline's rows/s per stage.
 Part 1 renders the *same* token ids for both paths (``reasonembed.llm.RequestBuilder``: chat template, per-row
 seeds), runs them through raw ``vllm.LLM.generate`` (engine already loaded) and through
 ``reasonembed.llm.generate`` on a local Ray cluster (the path the generate stage uses), and prints generated
-tokens/s of each and their ratio (goal >= 0.9). Ray's figure is measured two ways: *steady* (from the first
+tokens/s of each and their ratio (goal >= 0.9), in both engine modes (``--mode``): vLLM's continuous batching,
+and the batch-invariant mode the stages use by default (on CPU: one sequence per engine step). Ray's figure is measured two ways: *steady* (from the first
 output batch to the last, i.e. without the engine start-up, which the raw path also excludes) and *total*
-(including actor and engine start-up). Because sampling is seeded per row, both paths must produce identical
-texts; the benchmark checks it.
+(including actor and engine start-up). Sampling is seeded per row; in invariant mode both paths must produce
+identical texts (the benchmark counts them). In batched mode they may differ: Ray's streaming feeds the engine
+asynchronously, so decode steps get batched with other requests' prefills and round differently.
 
 Part 2 runs ``configs/synthesize/local-tiny.yaml`` end to end (fresh run folder) and prints rows/s per stage from
 the stage manifests. Engine start-up dominates at this size (tens of seconds per LLM stage on CPU).
@@ -51,14 +53,16 @@ def build_rows(n: int, data_dir: Path, seed: int) -> list[dict]:
     return generation_requests(ctx, src).to_pylist()
 
 
-def engine_config(max_tokens: int, batch_size: int):
+def engine_config(max_tokens: int, batch_size: int, invariant: bool):
     from reasonembed.config.llm import LLMEngineConfig
-    from reasonembed.remixer.llm_stage import cpu_seed_safe
+    from reasonembed.remixer.llm_stage import batch_invariant_engine, cpu_seed_safe
 
     cfg = LLMEngineConfig(model="tiny-qwen3", max_model_len=4096, batch_size=batch_size, max_concurrent_batches=2,
                           sampling={"temperature": 1.0, "top_p": 0.6, "max_tokens": max_tokens,
                                     "min_tokens": max_tokens, "seed": 0})
-    return cpu_seed_safe(cfg)  # the stage's own engine settings (no chunked prefill with seeds on CPU)
+    # The stage's own engine settings (run_llm_shards): no chunked prefill with seeds on CPU, and in invariant
+    # mode one sequence per engine step.
+    return cpu_seed_safe(batch_invariant_engine(cfg) if invariant else cfg)
 
 
 def run_raw(rows: list[dict], cfg) -> dict:
@@ -153,26 +157,32 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--data-dir", type=Path, default=Path(os.environ.get("REASONEMBED_DATA_DIR",
                                                                           REPO.parent / "shared" / "data")))
+    ap.add_argument("--mode", choices=["batched", "invariant", "both"], default="both",
+                    help="engine mode: batched (vLLM's continuous batching) or invariant (the stage default, "
+                    "batch_invariant: true; on CPU one sequence per step)")
     ap.add_argument("--skip-pipeline", action="store_true")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args()
     os.environ.setdefault("REASONEMBED_DATA_DIR", str(args.data_dir))
 
     rows = build_rows(args.prompts, args.data_dir, args.seed)
-    cfg = engine_config(args.max_tokens, args.batch_size)
-    raw = run_raw(rows, cfg)
-    print(f"raw vllm.LLM.generate : {raw['tokens']} tokens in {raw['generate_s']} s = {raw['tokens_per_s']} tok/s "
-          f"(engine load {raw['load_s']} s, not counted)")
-    ray_res = run_ray(rows, cfg)
-    print(f"Ray Data + vLLM actor : {ray_res['tokens']} tokens; steady {ray_res['tokens_per_s_steady']} tok/s over "
-          f"{ray_res['batches']} output batches; total {ray_res['tokens_per_s_total']} tok/s in {ray_res['total_s']} s "
-          "(with actor and engine start-up)")
-    same = raw["texts"] == ray_res["texts"]
-    ratio = (ray_res["tokens_per_s_steady"] or 0) / raw["tokens_per_s"] if raw["tokens_per_s"] else 0.0
-    print(f"ratio (steady Ray / raw) = {ratio:.3f} (goal >= 0.9); identical texts: {same}")
-    result = {"prompts": len(rows), "max_tokens": args.max_tokens, "raw": {k: v for k, v in raw.items() if k != "texts"},
-              "ray": {k: v for k, v in ray_res.items() if k != "texts"}, "ratio_steady": round(ratio, 3),
-              "identical_texts": same}
+    result: dict = {"prompts": len(rows), "max_tokens": args.max_tokens, "modes": {}}
+    modes = ["batched", "invariant"] if args.mode == "both" else [args.mode]
+    for mode in modes:
+        cfg = engine_config(args.max_tokens, args.batch_size, invariant=mode == "invariant")
+        raw = run_raw(rows, cfg)
+        print(f"[{mode}] raw vllm.LLM.generate : {raw['tokens']} tokens in {raw['generate_s']} s = "
+              f"{raw['tokens_per_s']} tok/s (engine load {raw['load_s']} s, not counted)")
+        ray_res = run_ray(rows, cfg)
+        print(f"[{mode}] Ray Data + vLLM actor : {ray_res['tokens']} tokens; steady {ray_res['tokens_per_s_steady']} "
+              f"tok/s over {ray_res['batches']} output batches; total {ray_res['tokens_per_s_total']} tok/s in "
+              f"{ray_res['total_s']} s (with actor and engine start-up)")
+        same = sum(raw["texts"][k] == v for k, v in ray_res["texts"].items())
+        ratio = (ray_res["tokens_per_s_steady"] or 0) / raw["tokens_per_s"] if raw["tokens_per_s"] else 0.0
+        print(f"[{mode}] ratio (steady Ray / raw) = {ratio:.3f} (goal >= 0.9); identical texts: {same}/{len(rows)}")
+        result["modes"][mode] = {"raw": {k: v for k, v in raw.items() if k != "texts"},
+                                 "ray": {k: v for k, v in ray_res.items() if k != "texts"},
+                                 "ratio_steady": round(ratio, 3), "identical_texts": same}
     if not args.skip_pipeline:
         pipe = run_pipeline(args.data_dir)
         result["pipeline"] = pipe

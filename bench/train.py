@@ -112,7 +112,7 @@ def train_st(args, rows: list[dict], work: Path) -> tuple[str, dict, float]:
     loss = MultipleNegativesRankingLoss(model, scale=1.0 / args.temperature)
     targs = SentenceTransformerTrainingArguments(
         output_dir=str(work / "st-out"), num_train_epochs=args.epochs, per_device_train_batch_size=args.batch,
-        learning_rate=args.lr, warmup_ratio=0.1, lr_scheduler_type="linear", weight_decay=0.0, max_grad_norm=1.0,
+        learning_rate=args.lr, warmup_steps=0.1, lr_scheduler_type="linear", weight_decay=0.0, max_grad_norm=1.0,
         dataloader_drop_last=True, save_strategy="no", report_to="none", logging_steps=10, seed=42,
         use_cpu=True,
     )

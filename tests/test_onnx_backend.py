@@ -104,3 +104,36 @@ def test_onnx_backend_with_a_model_in_memory_uses_torch(minilm_path, onnx_cache,
     emb = Embedder(EmbedderConfig(model="minilm", backend="onnx"), model=model)
     assert emb.onnx is None  # the ONNX graph holds the folder's weights, not these (e.g. mid-training) ones
     assert "using torch" in caplog.text
+
+
+@pytest.mark.slow
+def test_encode_job_with_onnx_backend_equals_torch(ray_local, mini_scifact, tmp_path):
+    """The Ray Data actor pool runs the ONNX backend end to end; rows equal the torch Embedder's to 1e-5 cosine.
+    (Actors read REASONEMBED_CACHE from the environment the cluster started with.)"""
+    from reasonembed.config.encode import CorpusSource, EncodeJobConfig
+    from reasonembed.index import encode
+    from reasonembed.index.reader import _row_text
+    from reasonembed.storage import open_run
+
+    cfg = EncodeJobConfig(out=str(tmp_path), run_id="onnx", data={"path": str(mini_scifact), "limit": 30},
+                          embedder={"model": "minilm", "backend": "onnx"})
+    summary = encode.run(cfg)
+    ids, x = encode.load_embeddings(open_run(str(tmp_path), "onnx").stage("encode"))
+    assert summary.rows == 30 == len(ids)
+    rows = [json.loads(line) for line in (mini_scifact / "corpus.jsonl").read_text().splitlines()[:30]]
+    texts = {d: t for d, t, _ in (_row_text(r, CorpusSource()) for r in rows)}
+    ref = Embedder(EmbedderConfig(model="minilm")).encode([texts[d] for d in ids])
+    cos = (x * ref).sum(1) / np.linalg.norm(x, axis=1) / np.linalg.norm(ref, axis=1)
+    assert np.all(np.abs(1 - cos) < 1e-5), np.abs(1 - cos).max()
+
+
+@pytest.mark.slow
+def test_int8_backend_is_an_opt_in_lossy_option(minilm_path, onnx_cache):
+    """onnx-int8 is a separate cache entry and close to fp32, but not equal to it (so it never counts as fp32)."""
+    texts = TEXTS[:2] + TEXTS[3:]
+    fp32 = Embedder(EmbedderConfig(model="minilm", backend="onnx")).encode(texts)
+    int8 = Embedder(EmbedderConfig(model="minilm", backend="onnx-int8"))
+    assert int8.onnx.graph != ensure_onnx(minilm_path)
+    got = int8.encode(texts)
+    dev = np.abs(1 - (got * fp32).sum(1))
+    assert dev.max() < 0.05 and dev.max() > 1e-5, dev

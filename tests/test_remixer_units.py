@@ -323,3 +323,42 @@ def test_decontamination_path_must_exist(mixed_corpus, tmp_path, data_dir):
     cfg.data.decontamination.path = str(tmp_path / "missing")
     with pytest.raises(ConfigError, match="decontamination.path"):
         prepare.run(Context.open(cfg), "h")
+
+
+# ---- engine settings for exact re-generation -------------------------------------------------------------------
+def test_batch_invariant_engine_settings():
+    from reasonembed.config.llm import LLMEngineConfig
+    from reasonembed.remixer.llm_stage import batch_invariant_engine, cpu_seed_safe
+
+    cpu = LLMEngineConfig(model="tiny-qwen3", max_model_len=4096, sampling={"max_tokens": 8, "seed": 0})
+    inv = batch_invariant_engine(cpu)
+    assert inv.engine_kwargs == {"max_num_seqs": 1, "enable_prefix_caching": False, "enable_chunked_prefill": False,
+                                 "max_num_batched_tokens": 4096}
+    user = cpu.model_copy(update={"engine_kwargs": {"max_num_seqs": 4}})
+    assert batch_invariant_engine(user).engine_kwargs["max_num_seqs"] == 4  # the user's keys win
+    assert cpu_seed_safe(cpu).engine_kwargs == {"enable_chunked_prefill": False, "max_num_batched_tokens": 4096}
+    unseeded = cpu.model_copy(update={"sampling": cpu.sampling.model_copy(update={"seed": None})})
+    assert cpu_seed_safe(unseeded).engine_kwargs == {}
+    gpu = LLMEngineConfig(model="org/m", num_gpus=1, sampling={"max_tokens": 8})
+    g = batch_invariant_engine(gpu)
+    assert g.runtime_env["env_vars"]["VLLM_BATCH_INVARIANT"] == "1" and g.engine_kwargs == {}
+    assert cpu_seed_safe(g) is g  # GPU generators support chunked prefill with seeds
+
+
+def test_prepare_reads_and_writes_s3(mixed_corpus, s3_server, data_dir):
+    """Corpus on S3 and run folder on S3 (moto's real S3 server): same sources as locally."""
+    import boto3
+
+    corpus, gold = mixed_corpus
+    s3 = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
+    s3.put_object(Bucket="reasonembed", Key="corpora/bio/corpus.jsonl", Body=(corpus / "corpus.jsonl").read_bytes())
+    cfg = _prep_cfg(corpus, Path("unused"), data_dir)
+    cfg = cfg.model_copy(update={"out": "s3://reasonembed/runs",
+                                 "data": cfg.data.model_copy(update={"corpus": "s3://reasonembed/corpora/bio"})})
+    ctx = Context.open(cfg)
+    fields = prepare.run(ctx, "h-s3")
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket="reasonembed", Prefix="runs/")["Contents"]}
+    assert "runs/local-tiny/synthesize/prepare/part-biology-00000.parquet" in keys
+    assert "runs/local-tiny/synthesize/pool/part-biology.parquet" in keys
+    sources = ctx.stage("prepare").read_parts()["doc_id"].to_pylist()
+    assert len(sources) == fields["rows_out"] == 20 and not set(sources) & set(gold)

@@ -97,8 +97,8 @@ def free_port() -> int:
 
 def post(service, path: str, body, **kw) -> httpx.Response:
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
-    return httpx.post(service["base"] + path, content=content, headers={"content-type": "application/json"},
-                      timeout=60, **kw)
+    headers = {"content-type": "application/json", **kw.pop("headers", {})}
+    return httpx.post(service["base"] + path, content=content, headers=headers, timeout=60, **kw)
 
 
 # ---- OpenAI compatibility and equality with batch encoding --------------------------------------------------------
@@ -238,6 +238,16 @@ def test_health_ready_and_metrics(service):
                  "ray_reasonembed_prompt_tokens_total", "ray_reasonembed_model_tokens_total"):
         assert name in text, f"{name} missing from /metrics"
     assert 'endpoint="embeddings"' in text and 'status="200"' in text
+
+
+def test_auth_off_and_openapi(service):
+    """No key configured: requests with or without a bearer token are served; the OpenAPI schema is published."""
+    assert post(service, "/v1/embeddings", {"input": "open"}).status_code == 200
+    assert post(service, "/v1/embeddings", {"input": "open"}, headers={"Authorization": "Bearer any"}).status_code \
+        == 200
+    spec = httpx.get(service["base"] + "/openapi.json").json()
+    assert {"/v1/embeddings", "/v1/search", "/v1/models", "/health", "/ready"} <= set(spec["paths"])
+    assert "EmbeddingRequest" in spec["components"]["schemas"]
 
 
 def test_concurrent_requests_share_token_budget_batches(service):

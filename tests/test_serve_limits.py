@@ -132,8 +132,17 @@ def test_overload_returns_429_with_retry_after_and_recovers(service):
     def one(i: int) -> httpx.Response:
         return call(service, "/v1/embeddings", {"input": f"burst request {i}"})
 
-    with ThreadPoolExecutor(12) as pool:
-        responses = list(pool.map(one, range(12)))
+    with ThreadPoolExecutor(13) as pool:
+        burst = pool.map(one, range(12))
+        probes = []  # readiness is not liveness: while the model is saturated /ready says 503, /health 200
+        for _ in range(20):
+            probes.append((call(service, "/health", key=None).status_code,
+                           call(service, "/ready", key=None).status_code))
+            if probes[-1][1] == 503:
+                break
+            time.sleep(0.1)
+        responses = list(burst)
+    assert all(h == 200 for h, _ in probes) and probes[-1][1] == 503, probes
     codes = [r.status_code for r in responses]
     assert set(codes) <= {200, 429}, codes
     assert codes.count(429) >= 1 and codes.count(200) >= 1, codes

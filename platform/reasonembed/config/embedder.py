@@ -49,11 +49,12 @@ class EmbedderConfig(StrictModel):
     )
     device: str = Field("auto", description="torch device: auto | cpu | cuda | cuda:N.")
     num_threads: int | None = Field(None, ge=1, description="torch intra-op threads on CPU (None: torch default).")
-    backend: Literal["torch", "onnx"] = Field(
+    backend: Literal["torch", "onnx", "onnx-int8"] = Field(
         "torch",
         description="Inference runtime of encode(): torch, or onnx (ONNX Runtime on the CPU, fp32, graph exported "
         "once with transformer fusions and cached under $REASONEMBED_CACHE/onnx or ~/.cache/reasonembed/onnx; equal "
-        "to torch to ~1e-6). Training (embed_batch) always runs torch.",
+        "to torch to ~1e-6). onnx-int8 is LOSSY (dynamic int8 weights; ~1e-2 cosine from fp32): an opt-in speed "
+        "option, not equivalent to the others. Training (embed_batch) always runs torch.",
     )
     append_eos: bool | None = Field(
         None, description="Append the EOS token before last-token pooling (None: yes for last_token pooling)."

@@ -120,17 +120,20 @@ class Embedder:
             model.to(self.device).eval()
         self.model = model
         self.dim = int(self.model.config.hidden_size)
-        self.onnx = self._onnx_session(path) if cfg.backend == "onnx" and model_given is None else None
-        if cfg.backend == "onnx" and model_given is not None:
-            log.warning("backend='onnx' runs the weights in %s, not a model passed in memory: using torch", path)
+        use_onnx = cfg.backend.startswith("onnx")
+        self.onnx = self._onnx_session(path) if use_onnx and model_given is None else None
+        if use_onnx and model_given is not None:
+            log.warning("backend=%r runs the weights in %s, not a model passed in memory: using torch", cfg.backend, path)
 
     def _onnx_session(self, path: str):
-        """ONNX Runtime session over the cached fp32 graph of ``path`` (exported on first use)."""
+        """ONNX Runtime session over the cached graph of ``path`` (exported on first use; int8 only for onnx-int8)."""
         from reasonembed.models.onnx_runtime import OnnxEncoder, ensure_onnx
 
         if self.device.type != "cpu" or self.dtype != torch.float32:
-            raise ValueError(f"backend='onnx' runs float32 on the CPU; got device={self.device}, dtype={self.dtype}")
-        return OnnxEncoder(ensure_onnx(path), num_threads=self.cfg.num_threads or torch.get_num_threads())
+            raise ValueError(f"backend={self.cfg.backend!r} runs on the CPU with float32 activations; got "
+                             f"device={self.device}, dtype={self.dtype}")
+        graph = ensure_onnx(path, precision="int8" if self.cfg.backend == "onnx-int8" else "fp32")
+        return OnnxEncoder(graph, num_threads=self.cfg.num_threads or torch.get_num_threads())
 
     @staticmethod
     def _hf_config(path: str):

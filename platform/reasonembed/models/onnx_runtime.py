@@ -17,8 +17,9 @@ the model folder (path, file names, sizes, mtimes), the export settings and the 
 versions. A folder is built under a temporary name and renamed into place (atomic on one filesystem); a lock file
 serialises concurrent exporters (e.g. several Ray actors starting at once), so the export runs once.
 
-Lossy option (does NOT count as the fp32 backend): ``precision="int8"`` applies ORT dynamic int8 quantisation of
-the MatMul weights to the fused graph. Embeddings then differ from fp32 at the ~1e-2 cosine level.
+Lossy option (NOT the fp32 backend, never counted as equal to it): ``precision="int8"`` applies ORT dynamic int8
+quantisation (per-channel weights) to the fused graph's MatMul and Attention ops. Measured on 32 SciFact docs, one
+thread: ~1.5x less CPU time than fp32, embeddings up to ~0.009 cosine away from fp32.
 """
 
 from __future__ import annotations
@@ -160,8 +161,10 @@ def _export(model_path: Path, out_dir: Path, precision: Precision, fuse: bool, k
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         # The fused graph has contrib ops (Attention, SkipLayerNormalization) shape inference cannot type, hence
-        # DefaultTensorType; Attention becomes QAttention, MatMul becomes MatMulInteger.
-        quantize_dynamic(str(graph), str(final), weight_type=QuantType.QInt8,
+        # DefaultTensorType; Attention becomes QAttention, MatMul becomes MatMulInteger. Per-channel weight scales
+        # matter: per-tensor int8 put MiniLM embeddings 0.1 cosine off, per-channel ~0.009 (32 SciFact docs).
+        # reduce_range (7-bit weights) avoids u8s8 saturation on CPUs without VNNI.
+        quantize_dynamic(str(graph), str(final), weight_type=QuantType.QInt8, per_channel=True, reduce_range=True,
                          op_types_to_quantize=["MatMul", "Attention"],
                          extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
     else:

@@ -9,8 +9,10 @@ submitted again with the same run resumes from it too. Rank 0 exports the final 
 
 Layout under ``<out>/<run_id>/`` (defaults)::
 
-    train/               metrics.jsonl, metrics.csv, events.jsonl, curves.png, _manifest.json, errors/
-    train/ray/           Ray Train's run folder: checkpoint-<step>/ (train_state.json, ddp_state.pt | ds/)
+    train/               metrics.jsonl, metrics.csv, events.jsonl, curves.png, _manifest.json, errors/,
+                         latest_checkpoint.json (newest checkpoint every rank finished writing)
+    train/ray/           Ray Train's run folder: checkpoint-<step>/ (train_state.json, metrics.jsonl,
+                         ddp_state.pt | ds/ with one ZeRO optimizer partition per rank)
     model/               the exported model (SentenceTransformer(path) loads it)
 """
 
