@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             serve.run(build_app(cfg), name=cfg.app_name, route_prefix=cfg.route_prefix)
             deployed = True
-            base = f"http://{cfg.host}:{port}"
+            base = f"http://{cfg.host}:{port}{cfg.route_prefix.rstrip('/')}"
             info = wait_ready(base, timeout_s=600, api_key=load_api_key(cfg.auth))
         except Exception as exc:  # deployment failures arrive as several Ray exception types
             print(f"error: the application failed to start: {exc}", file=sys.stderr)
