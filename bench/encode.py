@@ -16,6 +16,9 @@ Rounds alternate the order (ours/ST, then ST/ours, ...) so a change in machine l
 computed per round and over the sums. Printed: docs/s, tokens/s, peak RSS, the ratio, the FLOP bound
 (2 x non-embedding params x tokens: the GEMM work; attention scores add ~4·L·d per token per layer on top) and
 the fraction of ``--peak-gflops`` reached, the load average, and the max cosine deviation between the two outputs.
+RSS: for ours, the peak summed RSS of the EmbedActor processes (all Ray workers together go to the JSON); for ST,
+its process's peak. CPU s: CPU seconds of the whole job (driver + every process of the local cluster) vs the ST
+process: on a shared machine this is steadier than wall time (though spinning threads inflate it).
 """
 
 from __future__ import annotations
@@ -100,24 +103,29 @@ class ProcSampler:
         import psutil
 
         self.me = psutil.Process()
-        self.peak = 0
+        self.peak = 0  # all Ray workers of this cluster (actors, task workers, idle pooled workers)
+        self.peak_actors = 0  # the EmbedActor processes alone (the model replicas)
         self._cpu0: dict[int, float] = {}
         self._cpu: dict[int, float] = {}
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._loop, daemon=True)
 
     def _sample(self) -> None:
-        total = 0
+        total = actors = 0
         for p in self.me.children(recursive=True):
             try:
                 with p.oneshot():
                     t = p.cpu_times()
                     self._cpu[p.pid] = t.user + t.system
-                    if p.name().startswith("ray::") or "default_worker" in " ".join(p.cmdline()):
-                        total += p.memory_info().rss
+                    title = " ".join(p.cmdline())  # Ray rewrites a worker's title to ray::<task or actor>
+                    if title.startswith("ray::") or "default_worker" in title:
+                        rss = p.memory_info().rss
+                        total += rss
+                        actors += rss if "EmbedActor" in title else 0
             except Exception:  # a worker may exit while we look
                 pass
         self.peak = max(self.peak, total)
+        self.peak_actors = max(self.peak_actors, actors)
 
     def _loop(self):
         while not self._stop.is_set():
@@ -167,7 +175,7 @@ def run_ours(args, run_root: Path, round_i: int) -> dict:
     stage = open_run(cfg.out, cfg.run_id, cfg.storage).stage(cfg.stage)
     ids, emb = load_embeddings(stage)
     return {"wall_s": wall, "tokens": summary.tokens, "rows": summary.rows, "truncated": summary.truncated,
-            "worker_peak_rss_mb": proc.peak / 2**20, "cpu_s": proc.cpu_s, "load": (load0, os.getloadavg()[0]),
+            "peak_rss_mb": proc.peak_actors / 2**20, "workers_peak_rss_mb": proc.peak / 2**20, "cpu_s": proc.cpu_s, "load": (load0, os.getloadavg()[0]),
             "emb": dict(zip(ids, emb, strict=True))}
 
 
@@ -307,7 +315,7 @@ def summarise(args, rounds: list[dict], doc_ids: list[str], n_params: int, expor
             if who not in res:
                 continue
             x = res[who]
-            rss = x.get("worker_peak_rss_mb", x.get("peak_rss_mb"))
+            rss = x["peak_rss_mb"]
             gfs = flops / x["wall_s"] / 1e9
             print(f"{r:>5} {who:>6} {x['wall_s']:>8.1f} {n / x['wall_s']:>8.1f} {tokens / x['wall_s']:>8.0f} "
                   f"{gfs:>8.1f} {100 * gfs / args.peak_gflops:>6.1f}% {rss:>8.0f} {x['cpu_s']:>7.1f} "

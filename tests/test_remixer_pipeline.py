@@ -222,11 +222,15 @@ def test_killed_twice_and_resumed_equals_uninterrupted(reference_run, tiny_data,
     second = run_pipeline(out, tiny_data, [], kill_when="local-tiny/synthesize/annotate/part-*.parquet")
     assert second["killed_with"] and second["summary"] is None
     assert not (syn / "annotate" / "_manifest.json").exists()
-    # Third fault, in the resumed run: SIGKILL the vLLM actor when annotate commits its next shard. Ray restarts
-    # the actor and retries its batches; the driver ignores repeated rows.
-    third = run_pipeline(out, tiny_data, [], kill_actor_when="local-tiny/synthesize/annotate/part-*.parquet")
+    # Third fault, in the resumed run: SIGKILL the vLLM actor when annotate commits its next shard while another is
+    # still pending. Ray restarts the actor and retries its batches; the driver ignores repeated rows. Batches of 2
+    # (batch_size is not part of the stage hash) make the remaining shard's work outlast the kill.
+    third = run_pipeline(out, tiny_data, ["annotator.batch_size=2"],
+                         kill_actor_when="local-tiny/synthesize/annotate/part-*.parquet")
     final = third["summary"]
     assert final["stages"]["annotate"]["shards_done_before"] >= 1  # resumed, not redone
+    if final["stages"]["annotate"]["shards_done_before"] == 1:  # two shards were left: the kill landed in between
+        assert third["actor_killed"] and len(third["actor_killed"]) == 2, third["actor_killed"]
     for stage in STAGE_KEYS:
         got, want = stage_rows(out, stage), stage_rows(ref_out, stage)
         assert got.keys() == want.keys(), f"{stage}: different row ids after kill and resume"

@@ -1,13 +1,15 @@
 """ONNX Runtime backend for the Embedder's inference path: export once, cache, run fp32 on the CPU.
 
-Why: on a CPU, MiniLM's forward pass in eager PyTorch spends much of its time outside the GEMMs (per-op dispatch,
-separate softmax/mask/GELU/LayerNorm kernels). ONNX Runtime with its transformer fusions runs the same fp32 maths
-with fewer, fused kernels: ``EmbedLayerNormalization``, one ``Attention`` op per layer (QKV GEMM + masked softmax),
-``BiasGelu`` and ``SkipLayerNormalization`` (onnxruntime.transformers optimizer, model type ``bert``). Results equal
-PyTorch's to ~1e-6 (fp32 summation order only), which the export verifies before it is cached.
+Why: ONNX Runtime with its transformer fusions runs the same fp32 maths as PyTorch with fewer, fused kernels:
+``EmbedLayerNormalization``, one ``Attention`` op per layer (QKV GEMM + masked softmax), ``BiasGelu`` and
+``SkipLayerNormalization`` (onnxruntime.transformers optimizer, model type ``bert``), plus its own thread pool and
+no Python dispatch per op. Results equal PyTorch's to ~1e-6 (fp32 summation order only); the export checks this
+before caching. Whether it is *faster* depends on the CPU: on the 2-core AMD EPYC (AVX2, no AVX-512) dev VM, one
+thread, a 64 x 256-token MiniLM batch ran at 51 GFLOP/s per core in ORT vs 55 in torch 2.13 (MKL), i.e. no gain;
+measure on the target machine with ``bench/encode.py --backend onnx|torch`` before switching.
 
 Export: the legacy TorchScript exporter (``torch.onnx.export(..., dynamo=False)``) with eager attention. Measured
-with torch 2.13 / onnxruntime 1.32: it exports MiniLM in ~10 s as one self-contained file, and its graph is the one
+with torch 2.13 / onnxruntime 1.32: it exports MiniLM in 10-30 s as one self-contained file, and its graph is the one
 the BERT fusion patterns recognise (6/6 Attention fused); the dynamo exporter took 50-80 s and none of its attention
 subgraphs were fused. The graph outputs ``last_hidden_state`` [B, L, D]; pooling stays with the caller (the
 Embedder pools it with the same code as the torch path).
