@@ -19,6 +19,7 @@ import time
 import uuid
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -126,6 +127,12 @@ def run_pipeline(out: Path, data: Path, overrides: list[str], kill_when: str | N
     return {"rc": rc, "summary": summary, "killed_with": killed_with, "actor_killed": actor_killed, "log": log_path}
 
 
+def parts(folder: Path) -> pa.Table:
+    """A stage's part files only (``pq.read_table(folder)`` would also read the errors/ sub-folder)."""
+    tables = [pq.read_table(f) for f in sorted(folder.glob("part-*.parquet"))]
+    return pa.concat_tables(tables) if tables else pa.table({})
+
+
 def stage_rows(root: Path, stage: str) -> dict[str, str]:
     """id -> content hash of every row of a stage's parts."""
     folder = root / "local-tiny" / "synthesize" / stage
@@ -169,18 +176,18 @@ def test_tiny_run_end_to_end(reference_run, data_dir):
     assert st["generate"]["generated_tokens"] > 0 and st["annotate"]["tokens_per_s"] > 0
     # The triviality check: the source document is never a candidate (hence never a positive).
     assert summary["candidates"] > 0 and summary["candidates_equal_to_source"] == 0
-    mine = pq.read_table(syn / "mine").to_pylist()
-    pool = set(pq.read_table(syn / "pool")["doc_id"].to_pylist())
+    mine = parts(syn / "mine").to_pylist()
+    pool = set(parts(syn / "pool")["doc_id"].to_pylist())
     for r in mine:
         assert r["source_doc_id"] not in r["candidate_ids"] and len(r["candidate_ids"]) == 8
         assert set(r["candidate_ids"]) <= pool
     # Decontamination (SciFact test qrels): no judged-relevant document is a source or a candidate.
     qrels = (data_dir / "beir" / "scifact" / "qrels.tsv").read_text().splitlines()[1:]
     gold = {line.split("\t")[1] for line in qrels}
-    sources = set(pq.read_table(syn / "prepare")["doc_id"].to_pylist())
+    sources = set(parts(syn / "prepare")["doc_id"].to_pylist())
     assert not sources & gold and not pool & gold
     # Training samples: SPEC stage 4 fields plus ids and scores, split by the thresholds.
-    samples = pq.read_table(syn / "format")
+    samples = parts(syn / "format")
     cols = set(samples.column_names)
     assert {"prompt", "query", "reasoning_query", "pos", "neg", "train_group_size", "batch_size", "pos_ids",
             "neg_ids", "pos_scores", "neg_scores", "source_doc_id", "domain", "sample_id"} <= cols
@@ -192,7 +199,7 @@ def test_tiny_run_end_to_end(reference_run, data_dir):
         assert (r["train_group_size"], r["batch_size"]) == (16, 8) and r["domain"] == "scifact"
         assert r["reasoning_query"] and r["prompt"].startswith("Given a scientific claim")
     # Annotation: guided output always has the tag's shape, the strict parser reads every score.
-    ann = pq.read_table(syn / "annotate").to_pylist()
+    ann = parts(syn / "annotate").to_pylist()
     assert {r["score"] for r in ann} <= {1, 2, 3, 4, 5}
     hist = summary["score_histogram"]
     assert sum(hist.values()) == len(ann)
@@ -256,7 +263,7 @@ def test_free_text_annotation_errors_are_rows(reference_run, tiny_data, tmp_path
     syn = out / "local-tiny" / "synthesize"
     ann = json.loads((syn / "annotate" / "_manifest.json").read_text())
     errors = pq.read_table(syn / "annotate" / "errors").to_pylist()
-    scored = pq.read_table(syn / "annotate").num_rows
+    scored = parts(syn / "annotate").num_rows
     assert ann["rows_error"] == len(errors) > 0 and ann["rows_out"] == scored
     assert scored + len(errors) == ann["rows_in"]
     assert sum(ann["errors_by_reason"].values()) == len(errors)
@@ -275,11 +282,11 @@ def test_domain_filter_stage(tiny_data, tmp_path, tiny_qwen3_path):
     res = run_pipeline(out, tiny_data, ["prepare.domain_filter.enabled=true",
                              "prepare.domain_filter.guided=true", "stop_after=prepare"])
     syn = out / "local-tiny" / "synthesize"
-    verdicts = pq.read_table(syn / "domain_filter").to_pylist()
+    verdicts = parts(syn / "domain_filter").to_pylist()
     m = json.loads((syn / "domain_filter" / "_manifest.json").read_text())
     assert len(verdicts) + m["rows_error"] == m["rows_in"] > 0
     kept = {v["doc_id"] for v in verdicts if v["keep"]}
-    sources = set(pq.read_table(syn / "prepare")["doc_id"].to_pylist())
+    sources = set(parts(syn / "prepare")["doc_id"].to_pylist())
     assert sources <= kept and len(sources) == min(6, len(kept))
     assert res["summary"]["stages"]["prepare"]["rows_out"] == len(sources)
     assert not (syn / "generate").exists()
