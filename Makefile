@@ -46,7 +46,7 @@ lint: install
 	$(VENV)/bin/ruff check platform jobs serve tests bench
 
 test: install lint
-	$(VENV)/bin/pytest tests -q
+	$(VENV)/bin/pytest tests -q --durations=30
 
 test-fast: install
 	$(VENV)/bin/pytest tests -q -m "not slow"

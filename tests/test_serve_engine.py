@@ -123,6 +123,26 @@ def test_warmup_marks_ready(tiny_qwen3_path):
     assert status.ready and status.warmup_lengths == [8, 32]
 
 
+def test_forward_executor_merges_waiting_batches_within_budget(tiny_qwen3_path):
+    """While one pass runs, later batches queue; the next pass takes all of them that fit the token budget."""
+    from reasonembed.serving.batcher import ForwardExecutor
+
+    engine = EmbeddingEngine(EmbedderConfig(model=str(tiny_qwen3_path), max_length=32),
+                             BatchingConfig(token_budget=64, max_batch_size=4))
+    passes = []
+    executor = ForwardExecutor(engine, passes.append)
+    batches = [[Chunk([[100 + i] * 16])] for i in range(7)]  # 16 tokens each: the budget fits 4 per pass
+
+    async def go():
+        return await asyncio.gather(*(executor.submit(b) for b in batches))
+
+    out = asyncio.run(go())
+    want = engine.embedder.encode_ids([b[0].ids[0] for b in batches]).embeddings
+    np.testing.assert_allclose(np.concatenate([o[0] for o in out]), want, atol=1e-5)
+    assert [p.rows for p in passes] == [4, 3]  # merged, in order, never over budget
+    assert all(p.padded_tokens <= 64 for p in passes)
+
+
 # ---- vectors --------------------------------------------------------------------------------------------------
 def test_matryoshka_truncates_and_renormalises():
     x = np.random.default_rng(0).normal(size=(3, 16)).astype(np.float32)

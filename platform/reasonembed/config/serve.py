@@ -85,7 +85,8 @@ class BatchingConfig(StrictModel):
         0.005, ge=0, description="How long a batch waits for more requests after its first one, seconds."
     )
     max_concurrent_batches: int = Field(
-        1, ge=1, description="Batches run at once per replica (1 on CPU: torch already uses every thread)."
+        64, ge=1, description="Serve batches handed on at once per replica. They queue at the replica's forward "
+        "executor, which runs one pass at a time and packs every waiting batch that fits the token budget into it."
     )
     warmup: bool = Field(True, description="Run forward passes at several lengths before reporting ready.")
 

@@ -197,9 +197,7 @@ def run_worker(args: dict[str, Any], session) -> dict[str, Any]:
     state = TrainState()
     resumed = False
     with contextlib.ExitStack() as stack:
-        folder = stack.enter_context(session.restored())
-        if folder is None and args.get("resume_from"):
-            folder = stack.enter_context(fetched(args["resume_from"], cfg.storage))
+        folder = _restored_folder(stack, session, args, cfg)
         if folder is not None:
             if not (folder / STATE_FILE).is_file():
                 raise FileNotFoundError(f"checkpoint {folder} has no {STATE_FILE}: not written by reasonembed train")
@@ -256,6 +254,32 @@ def run_worker(args: dict[str, Any], session) -> dict[str, Any]:
         mlog.event("finish", step=state.global_step, attempt=state.attempt, samples=state.samples,
                    wall_s=state.wall_s, time=time.time())
     return {"rank": rank, "state": state, "resumed": resumed, "model": bundle.info}
+
+
+def _restored_folder(stack: contextlib.ExitStack, session, args: dict[str, Any], cfg: TrainJobConfig) -> Path | None:
+    """The checkpoint this attempt starts from: the newest of Ray Train's own and the run's pointer.
+
+    Why not Ray's alone: Ray Train registers a reported checkpoint when its controller polls the workers. A worker
+    killed right after a report can take the poll result down with it, and the restarted group then gets no
+    checkpoint (or an older one) from ``get_checkpoint()``, although every rank finished writing a newer one. The
+    pointer (``latest_checkpoint.json``) is written after the barrier that follows every rank's upload, so it
+    never names an incomplete checkpoint. ``resume_from`` (the driver's pick at submission) is the last resort.
+    """
+    from reasonembed.redapter.state import latest_checkpoint
+
+    folder = stack.enter_context(session.restored())
+    ray_step = -1
+    if folder is not None and (folder / STATE_FILE).is_file():
+        ray_step = SavedState.from_json((folder / STATE_FILE).read_text(), str(folder)).state.global_step
+    found = latest_checkpoint(args["run_uri"], cfg.storage)
+    if found is not None and found[1].state.global_step > ray_step:
+        if folder is not None:
+            log.warning("Ray Train restored step %d, but every rank completed step %d: resuming from %s", ray_step,
+                        found[1].state.global_step, found[0])
+        return stack.enter_context(fetched(found[0], cfg.storage))
+    if folder is None and args.get("resume_from"):
+        return stack.enter_context(fetched(args["resume_from"], cfg.storage))
+    return folder
 
 
 def _after_step(cfg: TrainJobConfig, args, session, engine, mlog: MetricsLog, state: TrainState, fp, bundle,

@@ -5,9 +5,10 @@ Every text goes through the platform's one embedding path (``Embedder.format_que
 a different batch composition).
 
 Token budget. A request's inputs are cut into *chunks* by ``budget_batches`` over their token lengths, each chunk
-with ``rows x longest <= token_budget`` and ``rows <= max_batch_size``. Serve's dynamic batcher then packs chunks
-of concurrent requests into one forward pass while the packed ``rows x longest`` stays within the same budget
-(see ``batcher.py``), so a forward pass never exceeds the budget whatever mix of short and long inputs arrives.
+with ``rows x longest <= token_budget`` and ``rows <= max_batch_size``. Serve's dynamic batcher and the forward
+executor then pack chunks of concurrent requests into one forward pass while the packed ``rows x longest`` stays
+within the same budget (``chunk_cost``, see ``batcher.py``), so a pass never exceeds the budget whatever mix of
+short and long inputs arrives.
 """
 
 from __future__ import annotations
