@@ -19,7 +19,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export RAY_USAGE_STATS_ENABLED ?= 0
 export REASONEMBED_DATA_DIR ?= $(abspath ../shared/data)
 
-.PHONY: install demo demo-smoke test test-fast lint bench doctor clean
+.PHONY: install demo demo-smoke test test-fast lint bench bench-serve doctor clean
 
 install: $(VENV)/.installed
 
@@ -54,5 +54,18 @@ test-fast: install
 bench: install
 	$(PY) bench/encode.py
 
+# The serving baseline, infinity-emb, pins transformers<5, so it lives in its own virtualenv (benchmarks only).
+INFINITY_VENV ?= .venv-infinity
+INFINITY_PIN ?= infinity-emb[server,torch]==0.0.78
+$(INFINITY_VENV)/.installed:
+	test -x $(INFINITY_VENV)/bin/python || $(PYTHON) -m venv $(INFINITY_VENV)
+	{ $(INFINITY_VENV)/bin/pip install -q '$(TORCH_PIN)' || \
+	  $(INFINITY_VENV)/bin/pip install -q '$(TORCH_PIN)' --index-url $(TORCH_CPU_INDEX); } && \
+	$(INFINITY_VENV)/bin/pip install -q '$(INFINITY_PIN)' 'transformers<5' 'sentence-transformers<4'
+	@touch $@
+
+bench-serve: install $(INFINITY_VENV)/.installed
+	$(PY) bench/serve.py --infinity-bin $(INFINITY_VENV)/bin/infinity_emb
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(INFINITY_VENV) runs .pytest_cache

@@ -10,8 +10,8 @@ tokens, truncated to 256), so dynamic batching must cope with mixed lengths. Ser
 this machine (never at once) with the same client. Reported per level: requests/s, tokens/s (MiniLM tokens of
 the texts sent, counted once client-side, identical for both servers), p50/p99 latency, and our/their ratios.
 The baseline is infinity-emb (PyPI ``infinity-emb``, CPU, torch engine, same local MiniLM folder); it needs its own
-virtualenv (``--infinity-bin``) because it pins transformers<5. If it cannot run, the fallback is
-sentence-transformers behind a plain FastAPI server (``--baseline st``).
+virtualenv because it pins transformers<5: ``make bench-serve`` builds ``.venv-infinity`` and runs this script.
+If it cannot run, the fallback is sentence-transformers behind a plain FastAPI server (``--baseline st``).
 """
 
 from __future__ import annotations
@@ -256,7 +256,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--baseline", choices=["infinity", "st", "none"], default="infinity")
     ap.add_argument("--baseline-threads", type=int, default=None,
                     help="OMP/MKL threads of the baseline (default: its own default, torch = all cores)")
-    ap.add_argument("--infinity-bin", default=os.environ.get("INFINITY_BIN", "/tmp/infvenv/bin/infinity_emb"))
+    ap.add_argument("--infinity-bin",
+                    default=os.environ.get("INFINITY_BIN", str(REPO / ".venv-infinity" / "bin" / "infinity_emb")))
     ap.add_argument("--infinity-batch-size", type=int, default=32)
     ap.add_argument("--config", default=str(REPO / "configs" / "serve" / "local-tiny.yaml"))
     ap.add_argument("--port", type=int, default=18700)

@@ -16,6 +16,8 @@ if __name__ == "__main__":
     ap.add_argument("--run-id", default="demo")
     ap.add_argument("--generator", default=None, help="HF model for generation and annotation (default: tiny-qwen3)")
     ap.add_argument("--no-base-eval", action="store_true", help="skip evaluating the base model")
+    ap.add_argument("--sequential", action="store_true",
+                    help="evaluate the base model after the chain instead of beside it (one job at a time)")
     ap.add_argument("--smoke", action="store_true", help="only the engine smoke test (vLLM via Ray Data + MiniLM)")
     args = ap.parse_args()
     apply_env_defaults()
@@ -27,5 +29,6 @@ if __name__ == "__main__":
 
         print(json.dumps(smoke(), indent=2))
         sys.exit(0)
-    steps = run(out=args.out, run_id=args.run_id, generator=args.generator, eval_base=not args.no_base_eval)
+    steps = run(out=args.out, run_id=args.run_id, generator=args.generator, eval_base=not args.no_base_eval,
+                overlap_base=not args.sequential)
     sys.exit(0 if all(s.status == "SUCCEEDED" for s in steps) else 1)

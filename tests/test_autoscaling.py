@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import json
 import re
-import textwrap
 import time
 from pathlib import Path
 
 import pytest
 import yaml
+from job_scripts import job_script
 
 from reasonembed.config.submit import SubmitOptions
 from reasonembed.local_head import LocalHead
@@ -30,21 +30,11 @@ from reasonembed.submit import submit
 REPO = Path(__file__).resolve().parents[1]
 SPEC = REPO / "cluster" / "fake-multinode.yaml"
 
-PROBE = textwrap.dedent(
-    '''
-    """Tests-only stage: run one task with the config's ray options and record where it ran."""
-    import argparse, json, os
+PROBE = job_script(
+    "Tests-only stage: run one task with the config's ray options and record where it ran.",
+    """
+    import json, os
     import ray
-    import yaml
-
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--config", required=True)
-    ap.add_argument("overrides", nargs="*")
-    args = ap.parse_args()
-    cfg = yaml.safe_load(open(args.config))
-    for item in args.overrides:
-        key, _, value = item.partition("=")
-        cfg[key] = yaml.safe_load(value)
 
     ray.init()
     stage = cfg["stage"]
@@ -60,7 +50,7 @@ PROBE = textwrap.dedent(
     with open(os.path.join(cfg["out"], "probe.json"), "w") as f:
         json.dump(where, f)
     print("PROBE " + json.dumps(where), flush=True)
-    '''
+    """,
 )
 
 

@@ -32,15 +32,6 @@ def _check_outputs(out: Path, task_key: str) -> dict:
     return metrics
 
 
-def test_evaluate_dense_minilm_on_a_beir_folder(mini_scifact, tmp_path):
-    """The acceptance form: reasonembed evaluate --model minilm --data <BEIR dir> --out <dir>."""
-    out = tmp_path / "dense"
-    _evaluate(["--model", "minilm", "--data", str(mini_scifact), "--out", str(out)])
-    metrics = _check_outputs(out, f"beir/{mini_scifact.name}")
-    # 40 queries against 300 documents: every relevant document is in the top 100
-    assert metrics["recall_at_100"] == 1.0 and 0.7 < metrics["ndcg_at_10"] <= 1.0
-
-
 def test_evaluate_bm25_on_a_beir_folder(mini_scifact, tmp_path):
     out = tmp_path / "bm25"
     _evaluate(["--retriever", "bm25", "--data", str(mini_scifact), "--out", str(out)])
@@ -57,7 +48,8 @@ def test_evaluate_rejects_missing_data(tmp_path):
 
 @pytest.mark.slow
 def test_minilm_scifact_matches_mteb(scifact_dir, tmp_path):
-    """all-MiniLM-L6-v2 on full BEIR SciFact through the Ray Data encode job: nDCG@10 = 0.645 ± 0.005 (MTEB 0.64508)."""
+    """The acceptance form ``reasonembed evaluate --model minilm --data <BEIR dir> --out <dir>`` on full BEIR SciFact,
+    through the Ray Data encode job: every output is written and nDCG@10 = 0.645 ± 0.005 (MTEB 0.64508)."""
     out = tmp_path / "scifact"
     _evaluate(["--model", "minilm", "--data", str(scifact_dir), "--out", str(out)], timeout=3000)
     metrics = _check_outputs(out, "beir/scifact")

@@ -9,19 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_embedder import TEXTS as EMBEDDER_TEXTS
 
 from reasonembed.config.embedder import EmbedderConfig
 from reasonembed.models.embedder import Embedder
 from reasonembed.models.onnx_runtime import OnnxEncoder, cache_key, cache_root, ensure_onnx, pool_numpy
 
-TEXTS = [
-    "The cat sat on the mat.",
-    "Reasoning-intensive retrieval needs queries that require inference beyond keyword overlap.",
-    "",
-    "word " * 400,  # longer than MiniLM's 256-token limit: truncated, like sentence-transformers does
-    "Short.",
-    "Microstructural development of human newborn cerebral white matter assessed in vivo by diffusion tensor MRI.",
-]
+# The embedder tests' texts (empty, over-length, short) plus one real SciFact title.
+TEXTS = [*EMBEDDER_TEXTS,
+         "Microstructural development of human newborn cerebral white matter assessed in vivo by diffusion tensor MRI."]
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import textwrap
 from pathlib import Path
 
 import pytest
 import yaml
+from job_scripts import job_script
 
 from reasonembed.cluster_spec import ResourceMismatch, check_resources, find_requests, unsatisfiable
 from reasonembed.config import ConfigError
@@ -35,21 +35,12 @@ AWS = REPO / "cluster" / "aws-gpu.yaml"
 KUBE = REPO / "cluster" / "kuberay-rayjob.yaml"
 LOCAL = REPO / "cluster" / "local.yaml"
 
-FLAKY = textwrap.dedent(
-    '''
-    """Tests-only job: fail until this run count passes `fail_times`, counting runs in a marker file."""
-    import argparse, os, sys
-    import yaml
+FLAKY = job_script(
+    "Tests-only job: fail until this run count passes `fail_times`, counting runs in a marker file.",
+    """
+    import os
     import reasonembed  # importable on the cluster through the runtime env's py_modules
 
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--config", required=True)
-    ap.add_argument("overrides", nargs="*")
-    args = ap.parse_args()
-    cfg = yaml.safe_load(open(args.config))
-    for item in args.overrides:
-        key, _, value = item.partition("=")
-        cfg[key] = yaml.safe_load(value)
     marker = cfg["marker"]
     runs = (int(open(marker).read()) if os.path.exists(marker) else 0) + 1
     open(marker, "w").write(str(runs))
@@ -68,7 +59,7 @@ FLAKY = textwrap.dedent(
         ray.init()
         print(f"worker reasonembed.data={ray.get(on_worker.remote())}", flush=True)
     print("flaky done", flush=True)
-    '''
+    """,
 )
 
 

@@ -109,23 +109,32 @@ def _error(r: dict, row_id: str, reason: str, detail: str, raw: str) -> dict:
             "shard": r["shard"], "reason": reason, "detail": detail, "raw_text": raw}
 
 
-def _post_generate(shard: str, out: pa.Table):
+def _parsed_rows(out: pa.Table, id_key: str, empty_detail: str, to_row, schema: pa.Schema):
+    """Split an LLM stage's output into (good rows, error rows): engine errors and texts that parse to nothing
+    become error rows with the raw text kept; ``to_row(r, text)`` builds a good row. Both sorted by id."""
     good, bad = [], []
     for r in out.to_pylist():
         if r.get("error"):
-            bad.append(_error(r, r["gen_id"], r["error"], r.get("error_detail") or "", ""))
+            bad.append(_error(r, r[id_key], r["error"], r.get("error_detail") or "", ""))
             continue
-        query, reason = parse_query(r["generated_text"])
+        text, reason = parse_query(r["generated_text"])
         if reason:
-            bad.append(_error(r, r["gen_id"], reason, "nothing left after cleaning", r["generated_text"]))
+            bad.append(_error(r, r[id_key], reason, empty_detail, r["generated_text"]))
             continue
-        good.append({"query_id": content_hash("query", r["domain"], query), "gen_id": r["gen_id"],
-                     "domain": r["domain"], "source_doc_id": r["source_doc_id"], "shard": r["shard"], "query": query,
-                     "length": r["length"], "education": r["education"],
-                     "num_generated_tokens": r["num_generated_tokens"], "truncated": r["truncated"]})
-    good.sort(key=lambda x: x["gen_id"])
+        good.append(to_row(r, text))
+    good.sort(key=lambda x: x[id_key])
     bad.sort(key=lambda x: x["row_id"])
-    return error_table(good, QUERY_SCHEMA), error_table(bad, ERROR_SCHEMA)
+    return error_table(good, schema), error_table(bad, ERROR_SCHEMA)
+
+
+def _post_generate(shard: str, out: pa.Table):
+    def row(r: dict, query: str) -> dict:
+        return {"query_id": content_hash("query", r["domain"], query), "gen_id": r["gen_id"],
+                "domain": r["domain"], "source_doc_id": r["source_doc_id"], "shard": r["shard"], "query": query,
+                "length": r["length"], "education": r["education"],
+                "num_generated_tokens": r["num_generated_tokens"], "truncated": r["truncated"]}
+
+    return _parsed_rows(out, "gen_id", "nothing left after cleaning", row, QUERY_SCHEMA)
 
 
 def run_generate(ctx: Context, h: str) -> tuple[dict, LLMStageStats]:
@@ -161,20 +170,11 @@ def unique_queries(queries: pa.Table) -> tuple[pa.Table, int]:
 
 
 def _post_reason(shard: str, out: pa.Table):
-    good, bad = [], []
-    for r in out.to_pylist():
-        if r.get("error"):
-            bad.append(_error(r, r["query_id"], r["error"], r.get("error_detail") or "", ""))
-            continue
-        text, reason = parse_query(r["generated_text"])
-        if reason:
-            bad.append(_error(r, r["query_id"], reason, "empty reasoning query", r["generated_text"]))
-            continue
-        good.append({"query_id": r["query_id"], "domain": r["domain"], "shard": r["shard"], "reasoning_query": text,
-                     "num_generated_tokens": r["num_generated_tokens"], "truncated": r["truncated"]})
-    good.sort(key=lambda x: x["query_id"])
-    bad.sort(key=lambda x: x["row_id"])
-    return error_table(good, REASON_SCHEMA), error_table(bad, ERROR_SCHEMA)
+    def row(r: dict, text: str) -> dict:
+        return {"query_id": r["query_id"], "domain": r["domain"], "shard": r["shard"], "reasoning_query": text,
+                "num_generated_tokens": r["num_generated_tokens"], "truncated": r["truncated"]}
+
+    return _parsed_rows(out, "query_id", "empty reasoning query", row, REASON_SCHEMA)
 
 
 def run_reason(ctx: Context, h: str) -> tuple[dict, LLMStageStats]:
