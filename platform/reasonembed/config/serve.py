@@ -88,6 +88,11 @@ class BatchingConfig(StrictModel):
         64, ge=1, description="Serve batches handed on at once per replica. They queue at the replica's forward "
         "executor, which runs one pass at a time and packs every waiting batch that fits the token budget into it."
     )
+    min_fill: float = Field(
+        0.5, ge=0, le=1, description="Inside one forward pass, rows are sorted by length and a row shorter than "
+        "min_fill x the current sub-batch's longest row starts a new sub-batch, so short queries are not padded to "
+        "a long document's length (0: one padded pass)."
+    )
     warmup: bool = Field(True, description="Run forward passes at several lengths before reporting ready.")
 
 

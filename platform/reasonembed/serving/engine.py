@@ -190,10 +190,10 @@ class EmbeddingEngine:
 
     # ---- forward ---------------------------------------------------------------------------------------------
     def forward(self, chunks: Sequence[Chunk]) -> tuple[list[np.ndarray], BatchStats]:
-        """Embed a packed batch of chunks in one length-sorted pass; one array per chunk."""
+        """Embed a packed batch of chunks (length-sorted sub-batches, ``batching.min_fill``); one array per chunk."""
         t0 = time.perf_counter()
         flat = [x for c in chunks for x in c.ids]
-        res = self.embedder.encode_ids(flat)
+        res = self.embedder.encode_ids(flat, self.batching.min_fill)
         out, start = [], 0
         for c in chunks:
             out.append(res.embeddings[start:start + len(c.ids)])
