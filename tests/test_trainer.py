@@ -211,3 +211,43 @@ def test_bad_backbones_and_lora_targets(tmp_path, samples):
     cfg = job(samples, tmp_path, model="minilm", lora={"enabled": True})
     with pytest.raises(LoraTargetError, match=r"match no Linear layer.*query.*value"):
         run_worker(worker_args(cfg, tmp_path), LocalSession(tmp_path / "ckpt"))
+
+
+def test_restart_prefers_the_newest_complete_checkpoint(tmp_path, samples):
+    """A restarted attempt resumes from the run's pointer when Ray Train restored nothing or an older checkpoint
+    (a worker killed right after reporting can take Ray's registration of that checkpoint down with it)."""
+    import contextlib
+
+    from reasonembed.redapter.state import STATE_FILE, SavedState, TrainState, write_pointer
+    from reasonembed.redapter.worker import _restored_folder
+
+    cfg = job(samples, tmp_path / "runs", model="minilm")
+    run_uri = str(tmp_path / "train")
+
+    def checkpoint(name: str, step: int) -> Path:
+        folder = tmp_path / "ray" / name
+        folder.mkdir(parents=True)
+        (folder / STATE_FILE).write_text(SavedState(TrainState(global_step=step), {}, {}).to_json())
+        return folder
+
+    class Restored:  # what Ray Train's get_checkpoint() gave the new worker group
+        def __init__(self, folder):
+            self.folder = folder
+
+        @contextlib.contextmanager
+        def restored(self):
+            yield self.folder
+
+    def pick(session, resume_from=None) -> Path | None:
+        with contextlib.ExitStack() as stack:
+            return _restored_folder(stack, session, {"run_uri": run_uri, "resume_from": resume_from}, cfg)
+
+    older, newer = checkpoint("checkpoint-00000002", 2), checkpoint("checkpoint-00000004", 4)
+    assert pick(Restored(None)) is None  # a fresh run
+    assert pick(Restored(None), resume_from=str(older)) == older  # the driver's pick at submission
+    write_pointer(run_uri, str(newer), 4)
+    assert pick(Restored(None), resume_from=str(older)) == newer  # Ray lost it; the pointer did not
+    assert pick(Restored(older)) == newer  # Ray restored an older one
+    assert pick(Restored(newer)) == newer
+    write_pointer(run_uri, str(older), 2)
+    assert pick(Restored(newer)) == newer  # Ray's is newer than the pointer: keep Ray's
