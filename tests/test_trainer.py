@@ -251,3 +251,14 @@ def test_restart_prefers_the_newest_complete_checkpoint(tmp_path, samples):
     assert pick(Restored(newer)) == newer
     write_pointer(run_uri, str(older), 2)
     assert pick(Restored(newer)) == newer  # Ray's is newer than the pointer: keep Ray's
+
+
+def test_passage_chunks_sort_by_length_and_invert():
+    from reasonembed.redapter.worker import passage_chunks
+
+    ids = [[1] * n for n in (5, 30, 12, 30, 2, 18)]
+    chunks, inverse = passage_chunks(ids, 2)
+    assert chunks == [[1, 3], [5, 2], [0, 4]]  # longest first, ties by position; each chunk pads to its own first
+    order = [i for c in chunks for i in c]
+    assert [order[inverse[i]] for i in range(len(ids))] == list(range(len(ids)))  # concatenated outputs -> input order
+    assert passage_chunks(ids, 0)[0] == [[1, 3, 5, 2, 0, 4]]  # 0: one pass

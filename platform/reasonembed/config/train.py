@@ -171,6 +171,11 @@ class TrainJobConfig(JobConfig):
         None, description="Recompute activations in backward to save memory. None: on for decoders (paper), off "
         "for encoders."
     )
+    passage_chunk_rows: int | None = Field(
+        None, ge=0, description="Rows per passage forward pass: a step's passages are sorted by length and embedded in "
+        "chunks of this many rows, each padded to its own longest row (same embeddings, less padding and smaller "
+        "attention matrices). None: the rank's queries per step (B chunks of the B x G passages); 0: one pass."
+    )
     scaling: ScalingSettings = Field(default_factory=ScalingSettings, description="Ray Train workers.")
     checkpointing: CheckpointSettings = Field(
         default_factory=CheckpointSettings, description="Checkpoint frequency, retention and storage."

@@ -60,8 +60,11 @@ class BiEncoder(nn.Module):
         self.embedder = embedder  # a plain object: its .model is registered below as the only submodule
         self.backbone = embedder.model
 
-    def forward(self, queries: dict[str, torch.Tensor], passages: dict[str, torch.Tensor]):
-        return self.embedder.embed_batch(queries), self.embedder.embed_batch(passages)
+    def forward(self, queries: dict[str, torch.Tensor], passages: dict[str, torch.Tensor] | list[dict]):
+        """``passages`` may be a list of padded chunks: their embeddings are concatenated in chunk order."""
+        if isinstance(passages, dict):
+            return self.embedder.embed_batch(queries), self.embedder.embed_batch(passages)
+        return self.embedder.embed_batch(queries), torch.cat([self.embedder.embed_batch(b) for b in passages])
 
     @torch.no_grad()
     def encode_frozen(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
