@@ -18,12 +18,15 @@ meanwhile. Requires Ray >= 2.50 (``batch_size_fn``).
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
 
 import numpy as np
 
 from reasonembed.serving.engine import BatchStats, Chunk, EmbeddingEngine
+
+log = logging.getLogger(__name__)
 
 
 class ForwardExecutor:
@@ -74,13 +77,16 @@ class ForwardExecutor:
                         if not fut.done():
                             fut.set_exception(exc)
                     continue
-                if self.on_batch is not None:
-                    self.on_batch(stats)
                 start = 0
                 for chunks, fut in take:
                     if not fut.done():
                         fut.set_result(parts[start:start + len(chunks)])
                     start += len(chunks)
+                if self.on_batch is not None:
+                    try:
+                        self.on_batch(stats)
+                    except Exception:  # metrics must never stop the executor: later requests would hang
+                        log.exception("batch metrics callback failed")
 
 
 def make_batcher(
