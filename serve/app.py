@@ -1,4 +1,5 @@
-"""Ray Serve application: HTTP routes (``EmbeddingAPI``) in front of model replicas (``EmbeddingModel``).
+"""Ray Serve application: HTTP routes (``EmbeddingAPI``) in front of model replicas (``EmbeddingModel``), or
+both in one deployment (``replica.topology: fused``; see ReplicaConfig).
 
 Routes:
 - ``POST /v1/embeddings`` (OpenAI shape), ``POST /v1/search`` (FAISS over an encode output), ``GET /v1/models``;
@@ -64,9 +65,11 @@ DOCUMENT_PROMPTS = ("document", "passage")
 
 
 # ---- model replicas --------------------------------------------------------------------------------------------
-@serve.deployment(name=MODEL_DEPLOYMENT)
-class EmbeddingModel:
-    """One model replica: tokenises with the serving policies and runs token-budget batches across requests."""
+class ModelReplica:
+    """One model replica: tokenises with the serving policies and runs token-budget batches across requests.
+
+    Deployed on its own as ``EmbeddingModel`` (split topology) or held inside ``EmbeddingAPI`` (fused topology).
+    """
 
     def __init__(self, cfg: dict[str, Any]):
         self.cfg = ServeJobConfig.model_validate(cfg)
@@ -104,10 +107,10 @@ class EmbeddingModel:
         parts = await asyncio.gather(*(self._run(Chunk([ids[i] for i in idx])) for idx in plan))
         return self.engine.assemble(ids, flags, plan, parts)
 
-    def describe(self) -> dict:
+    async def describe(self) -> dict:
         return self.engine.describe()
 
-    def status(self) -> dict:
+    async def status(self) -> dict:
         s = self.engine.status
         return {"ready": s.ready, "warmup_s": s.warmup_s, "warmup_lengths": s.warmup_lengths,
                 "token_budget": self.engine.token_budget, "batch_stats": dict(self.batches)}
@@ -115,6 +118,25 @@ class EmbeddingModel:
     def check_health(self) -> None:
         if not self.engine.status.ready:
             raise RuntimeError("model replica is not warmed up")
+
+
+EmbeddingModel = serve.deployment(name=MODEL_DEPLOYMENT)(ModelReplica)
+
+
+class RemoteModel:
+    """``ModelReplica``'s async interface over a deployment handle (split topology)."""
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    async def embed(self, call: EmbedCall):
+        return await self.handle.embed.remote(call)
+
+    async def describe(self) -> dict:
+        return await self.handle.describe.remote()
+
+    async def status(self) -> dict:
+        return await self.handle.status.remote()
 
 
 # ---- HTTP ingress ----------------------------------------------------------------------------------------------
@@ -172,17 +194,19 @@ def _json(obj: dict, status: int = 200) -> Response:
 @serve.deployment(name=INGRESS_DEPLOYMENT)
 @serve.ingress(api)
 class EmbeddingAPI:
-    """HTTP ingress: protocol, auth, limits, search; the model runs in ``EmbeddingModel`` replicas."""
+    """HTTP ingress: protocol, auth, limits, search. The model runs in ``EmbeddingModel`` replicas reached through
+    ``model`` (a deployment handle), or, when ``model`` is None (fused topology), in this replica."""
 
     async def __init__(self, model, cfg: dict[str, Any]):
         self.cfg = ServeJobConfig.model_validate(cfg)
+        # Fused: build the model before anything else, so a replica that cannot load it fails its constructor.
+        self.model = RemoteModel(model) if model is not None else ModelReplica(cfg)
         self.limits = self.cfg.limits
         self.metrics = api_metrics()
         configure_gate(GateSettings(load_api_key(self.cfg.auth), self.limits.max_body_bytes,
                                     on_reject=lambda path, status: self.metrics.observe(
                                         path.rsplit("/", 1)[-1] or "root", status, 0.0)))
-        self.model = model
-        self.encoder = await model.describe.remote()  # waits for a warmed-up model replica
+        self.encoder = await self.model.describe()  # split: waits for a warmed-up model replica
         self.name = self.cfg.served_model_name or self.cfg.embedder.model
         self.aliases = {self.name, self.cfg.embedder.model, self.encoder["model_name"]}
         self.created = int(time.time())
@@ -190,6 +214,20 @@ class EmbeddingAPI:
         if self.cfg.index:
             self.retriever = await asyncio.to_thread(Retriever.load, self.cfg.index, self.cfg.storage)
             self.retriever.check_compatible(self.encoder)  # IndexMismatchError fails the deployment, loudly
+
+    # -- deployment-handle methods: in the fused topology this class *is* EmbeddingModel, and batch jobs call these --
+    async def embed(self, call: EmbedCall):
+        return await self.model.embed(call)
+
+    async def describe(self) -> dict:
+        return await self.model.describe()
+
+    async def status(self) -> dict:
+        return await self.model.status()
+
+    def check_health(self) -> None:
+        if isinstance(self.model, ModelReplica):
+            self.model.check_health()
 
     # -- helpers --
     def _check_model(self, model: str | None) -> None:
@@ -225,7 +263,7 @@ class EmbeddingAPI:
 
     async def _embed(self, call: EmbedCall):
         try:
-            reply = await asyncio.wait_for(self.model.embed.remote(call), timeout=self.limits.request_timeout_s)
+            reply = await asyncio.wait_for(self.model.embed(call), timeout=self.limits.request_timeout_s)
         except BackPressureError as exc:
             raise Overloaded(f"model replicas are saturated ({exc}); retry later", self.limits.retry_after_s,
                              self.limits.overload_status) from None
@@ -317,7 +355,7 @@ class EmbeddingAPI:
     async def ready(self) -> Response:
         """Readiness: a warmed-up model replica answers, and the index (if any) is loaded."""
         try:
-            status = await asyncio.wait_for(self.model.status.remote(), timeout=min(5.0, self.limits.request_timeout_s))
+            status = await asyncio.wait_for(self.model.status(), timeout=min(5.0, self.limits.request_timeout_s))
         except (asyncio.TimeoutError, BackPressureError):
             status = {"ready": False}
         if not status.get("ready"):
@@ -341,21 +379,22 @@ def build_app(args: dict[str, Any] | ServeJobConfig | None = None):
     actor: dict[str, Any] = {"num_cpus": r.num_cpus, "num_gpus": r.num_gpus}
     if r.accelerator_type:
         actor["accelerator_type"] = r.accelerator_type
+    scaling = {"autoscaling_config": {"min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
+                                      "initial_replicas": max(1, a.min_replicas),
+                                      "target_ongoing_requests": a.target_ongoing_requests,
+                                      "upscale_delay_s": a.upscale_delay_s, "downscale_delay_s": a.downscale_delay_s},
+               "max_ongoing_requests": r.max_ongoing_requests, "max_constructor_retry_count": 2}
+    http = {"max_queued_requests": lim.http_max_queued_requests,
+            "backpressure_config": {"status_code": lim.overload_status, "retry_after_s": lim.retry_after_s}}
+    if r.topology == "fused":  # one deployment, named like the model so batch jobs find it the same way
+        return EmbeddingAPI.options(name=MODEL_DEPLOYMENT, ray_actor_options=actor, **scaling, **http).bind(None, data)
     model = EmbeddingModel.options(
-        ray_actor_options=actor,
-        autoscaling_config={"min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
-                            "initial_replicas": max(1, a.min_replicas),
-                            "target_ongoing_requests": a.target_ongoing_requests,
-                            "upscale_delay_s": a.upscale_delay_s, "downscale_delay_s": a.downscale_delay_s},
-        max_ongoing_requests=r.max_ongoing_requests,
-        max_queued_requests=lim.max_queued_requests,
-        max_constructor_retry_count=2,
+        ray_actor_options=actor, max_queued_requests=lim.max_queued_requests, **scaling
     ).bind(data)
     return EmbeddingAPI.options(
         num_replicas=r.ingress_replicas,
         ray_actor_options={"num_cpus": r.ingress_num_cpus},
         max_ongoing_requests=r.ingress_max_ongoing_requests,
-        max_queued_requests=lim.http_max_queued_requests,
-        backpressure_config={"status_code": lim.overload_status, "retry_after_s": lim.retry_after_s},
         max_constructor_retry_count=2,
+        **http,
     ).bind(model, data)

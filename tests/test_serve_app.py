@@ -78,7 +78,8 @@ def service(ray_local, encoded):
         "app_name": APP, "embedder": {"model": "minilm"}, "index": encoded["stage"],
         "prompts": {"scifact": "Given a scientific claim, retrieve documents that support or refute the claim"},
         "batching": {"max_batch_size": 32, "token_budget": 4096, "wait_timeout_s": 0.01},
-        "replica": {"num_cpus": 1}, "limits": {"max_top_k": 50},
+        # Fused topology (one deployment, as in the local preset); test_serve_limits covers the split one.
+        "replica": {"num_cpus": 1, "topology": "fused"}, "limits": {"max_top_k": 50},
     }), name=APP, route_prefix="/")
     base = f"http://127.0.0.1:{port}"
     ready = wait_ready(base, timeout_s=300)
@@ -223,6 +224,9 @@ def test_search_matches_direct_faiss(service, corpus, embedder, encoded):
 
 # ---- liveness, readiness, metrics, batching -----------------------------------------------------------------------
 def test_health_ready_and_metrics(service):
+    from ray import serve
+
+    assert set(serve.status().applications[APP].deployments) == {"EmbeddingModel"}  # fused: one deployment
     assert httpx.get(service["base"] + "/health").json() == {"status": "alive"}
     ready = httpx.get(service["base"] + "/ready").json()
     assert ready["ready"] and ready["warmup_lengths"] == [8, 64, 256] and ready["index"]["ntotal"] == N_DOCS

@@ -75,8 +75,21 @@ def test_deployed_from_serve_config(service):
 
     status = serve.status().applications[APP]
     assert status.status == "RUNNING"
-    assert set(status.deployments) == {"EmbeddingAPI", "EmbeddingModel"}
+    assert set(status.deployments) == {"EmbeddingAPI", "EmbeddingModel"}  # the split topology (the default)
     assert service["ready"]["ready"]
+
+
+def test_split_model_handle_equals_http(service):
+    """Batch jobs call the model deployment's handle directly (no auth: in-cluster); same vectors as HTTP."""
+    import numpy as np
+    from ray import serve
+
+    from reasonembed.serving.engine import EmbedCall
+
+    texts = ["handle path", "a second, longer input for the same batch"]
+    reply = serve.get_deployment_handle("EmbeddingModel", app_name=APP).embed.remote(EmbedCall(texts=texts)).result()
+    http = call(service, "/v1/embeddings", {"input": texts, "encoding_format": "float"}).json()["data"]
+    np.testing.assert_allclose(reply.embeddings, np.array([d["embedding"] for d in http]), atol=1e-6)
 
 
 def test_api_key_required_except_probes(service):

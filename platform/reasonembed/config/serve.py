@@ -1,8 +1,9 @@
 """Config of the embedding service (`reasonembed serve`, `serve deploy serve/config.yaml`).
 
 The service is two Serve deployments: ``EmbeddingAPI`` (HTTP ingress: auth, limits, protocol, search) and
-``EmbeddingModel`` (model replicas with token-budget dynamic batching, on CPU or GPU). Batch jobs can call
-``EmbeddingModel`` through its deployment handle, so one set of replicas serves online and batch traffic.
+``EmbeddingModel`` (model replicas with token-budget dynamic batching, on CPU or GPU), or, with
+``replica.topology: fused``, one deployment named ``EmbeddingModel`` that does both. Batch jobs call
+``EmbeddingModel`` through its deployment handle either way, so one set of replicas serves online and batch traffic.
 
 Batching arithmetic: a Serve batch holds whole request chunks while ``rows x longest row <= token_budget`` and
 ``rows <= max_batch_size``; e.g. token_budget 16384 fits 64 rows of 256 tokens or 256 rows of 64 tokens.
@@ -10,7 +11,7 @@ Batching arithmetic: a Serve batch holds whole request chunks while ``rows x lon
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, ValidationError, model_validator
 
@@ -115,17 +116,27 @@ class AutoscalingConfig(StrictModel):
 
 
 class ReplicaConfig(StrictModel):
-    """Resources and concurrency of the two deployments."""
+    """Resources and concurrency of the deployments, and how they are laid out.
+
+    ``topology: split`` runs HTTP ingress replicas (protocol, auth, limits, search) in front of model replicas:
+    the ingress scales on cheap CPUs while the model sits on GPUs. ``topology: fused`` runs one deployment that is
+    both: a request skips one process hop (Serve proxy -> replica instead of proxy -> ingress -> model), which is
+    what a small CPU box or a one-GPU node wants; its replicas take the model's resources and autoscaling.
+    """
+
+    topology: Literal["split", "fused"] = Field(
+        "split", description="split: ingress deployment + model deployment; fused: one deployment doing both."
+    )
 
     num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per model replica (also its torch threads on CPU).")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per model replica (0: CPU replicas).")
     accelerator_type: str | None = Field(None, description="Ray accelerator type for GPU replicas, e.g. 'H100'.")
     max_ongoing_requests: int = Field(
-        256, ge=1, description="Requests in flight per model replica; batching needs many at once."
+        256, ge=1, description="Requests in flight per model replica (fused: per replica); batching needs many."
     )
-    ingress_replicas: int = Field(1, ge=1, description="HTTP ingress replicas (protocol, auth, limits, search).")
-    ingress_num_cpus: float = Field(0.0, ge=0, description="CPUs reserved per ingress replica.")
-    ingress_max_ongoing_requests: int = Field(512, ge=1, description="Requests in flight per ingress replica.")
+    ingress_replicas: int = Field(1, ge=1, description="HTTP ingress replicas (split topology only).")
+    ingress_num_cpus: float = Field(0.0, ge=0, description="CPUs reserved per ingress replica (split only).")
+    ingress_max_ongoing_requests: int = Field(512, ge=1, description="Requests in flight per ingress replica (split).")
 
 
 class ServeJobConfig(JobConfig):
