@@ -1,6 +1,6 @@
 """Acceptance benchmark of Redapter training on CPU: all-MiniLM-L6-v2 on ImpliRet wknow-multispeaker.
 
-    python bench/train.py [--epochs 1] [--batch 16] [--group 4] [--max-length 128] [--workers 1]
+    python bench/train.py [--epochs 2] [--batch 16] [--group 4] [--max-length 128] [--workers 1]
 
 1. Split the 1,500 queries: numeric id suffix < 1000 train, the other 500 evaluate; the corpus is all 1,500 posts.
 2. Mine hard negatives with the platform's own path (base ``Embedder`` + exact ``SearchIndex``, the positive
@@ -34,7 +34,8 @@ REPO = Path(__file__).resolve().parents[1]
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data-dir", default=os.environ.get("REASONEMBED_DATA_DIR", str(REPO.parent / "shared" / "data")))
-    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--epochs", type=int, default=2,
+                   help="passes over the 1,000 training queries (1 epoch measured +0.004 nDCG@10 over base: too few)")
     p.add_argument("--batch", type=int, default=16, help="queries per step (global)")
     p.add_argument("--group", type=int, default=4, help="passages per query: 1 positive + group-1 mined negatives")
     p.add_argument("--max-length", type=int, default=256, help="MiniLM's own limit; ImpliRet posts are ~170 tokens")

@@ -295,6 +295,10 @@ def test_serve_config_errors_name_the_field(tmp_path):
         load_model(ServeJobConfig, None, ["limits.max_inputz=3"])
     with pytest.raises(ConfigError, match="token_budget"):
         load_model(ServeJobConfig, None, ["embedder.max_length=512", "batching.token_budget=256"])
+    with pytest.raises(ConfigError, match="replica.*ingress_replicas only apply to topology 'split'"):
+        load_model(ServeJobConfig, None, ["replica.topology=fused", "replica.ingress_replicas=2"])
+    with pytest.raises(ConfigError, match="replica.topology"):
+        load_model(ServeJobConfig, None, ["replica.topology=merged"])
 
 
 def test_presets_validate():

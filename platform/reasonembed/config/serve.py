@@ -138,6 +138,15 @@ class ReplicaConfig(StrictModel):
     ingress_num_cpus: float = Field(0.0, ge=0, description="CPUs reserved per ingress replica (split only).")
     ingress_max_ongoing_requests: int = Field(512, ge=1, description="Requests in flight per ingress replica (split).")
 
+    @model_validator(mode="after")
+    def _ingress_fields_need_split(self) -> ReplicaConfig:
+        # A fused replica has no separate ingress: refuse settings it would silently ignore.
+        ignored = sorted(f for f in self.model_fields_set if f.startswith("ingress_"))
+        if self.topology == "fused" and ignored:
+            raise ValueError(f"{', '.join(ignored)} only apply to topology 'split'; a fused deployment scales with "
+                             "autoscaling.* and takes num_cpus/num_gpus/max_ongoing_requests")
+        return self
+
 
 class ServeJobConfig(JobConfig):
     """`reasonembed serve`: an OpenAI-compatible embeddings endpoint plus FAISS search, on Ray Serve."""
