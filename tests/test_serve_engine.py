@@ -299,6 +299,8 @@ def test_serve_config_errors_name_the_field(tmp_path):
         load_model(ServeJobConfig, None, ["replica.topology=fused", "replica.ingress_replicas=2"])
     with pytest.raises(ConfigError, match="replica.topology"):
         load_model(ServeJobConfig, None, ["replica.topology=merged"])
+    fused = load_model(ServeJobConfig, None, ["replica.topology=fused"])
+    assert ServeJobConfig.model_validate(fused.model_dump(mode="json")) == fused  # what each replica re-validates
 
 
 def test_presets_validate():

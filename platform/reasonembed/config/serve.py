@@ -140,8 +140,10 @@ class ReplicaConfig(StrictModel):
 
     @model_validator(mode="after")
     def _ingress_fields_need_split(self) -> ReplicaConfig:
-        # A fused replica has no separate ingress: refuse settings it would silently ignore.
-        ignored = sorted(f for f in self.model_fields_set if f.startswith("ingress_"))
+        # A fused replica has no separate ingress: refuse settings it would silently ignore. Compared with the
+        # defaults, not model_fields_set: replicas re-validate a full model_dump, where every field is "set".
+        fields = type(self).model_fields
+        ignored = sorted(f for f in fields if f.startswith("ingress_") and getattr(self, f) != fields[f].default)
         if self.topology == "fused" and ignored:
             raise ValueError(f"{', '.join(ignored)} only apply to topology 'split'; a fused deployment scales with "
                              "autoscaling.* and takes num_cpus/num_gpus/max_ongoing_requests")
