@@ -60,15 +60,6 @@ def preflight(cfg: ServeJobConfig) -> None:
             raise ConfigError(str(exc)) from exc
 
 
-# Ray Serve flags for a cluster this command starts itself (read by the Serve processes at start-up; a variable
-# already in the environment wins). User code on the replica's own event loop saves a cross-thread hand-off per
-# request (our routes never block it: forward passes and long tokenisations run in worker threads), and replica
-# logs go to their files only instead of also streaming through Ray's log monitor to this terminal. Measured with
-# bench/serve.py on the 2-core box, local preset, one round each: 22.7 / 28.9 / 31.1 req/s at concurrency
-# 1 / 8 / 32 without them, 24.8 / 29.7 / 32.1 with them. On an existing cluster set them at `ray start`.
-PRIVATE_CLUSTER_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_LOG_TO_STDERR": "0"}
-
-
 def main(argv: list[str] | None = None) -> int:
     ns = parse_args(sys.argv[1:] if argv is None else argv)
     try:
@@ -83,36 +74,49 @@ def main(argv: list[str] | None = None) -> int:
 
     from reasonembed.runtime import connect_ray, setup_logging
     from reasonembed.serving.auth import load_api_key
-    from reasonembed.serving.runner import start_serve, wait_ready
+    from reasonembed.serving.runner import DIRECT_INGRESS_FLAG, private_cluster_env, start_serve, wait_ready
 
     setup_logging()
     owns_cluster = not ray.is_initialized() and not (cfg.ray.address or os.environ.get("RAY_ADDRESS"))
     if owns_cluster:
-        for key, value in PRIVATE_CLUSTER_ENV.items():
-            os.environ.setdefault(key, value)
+        env = private_cluster_env(cfg.ingress, cfg.port)
+        for key, value in env.items():
+            # The fast-path flags give way to the user's environment; the direct-ingress ones must match the config.
+            if key.startswith("RAY_SERVE_DIRECT_INGRESS") or key == DIRECT_INGRESS_FLAG:
+                os.environ[key] = value
+            else:
+                os.environ.setdefault(key, value)
+    elif cfg.ingress == "direct" and os.environ.get(DIRECT_INGRESS_FLAG) != "1":
+        print(f"config error:\ningress: 'direct' on an existing cluster needs Ray started with direct ingress "
+              f"(e.g. {' '.join(f'{k}={v}' for k, v in private_cluster_env('direct', cfg.port).items())} ray start "
+              f"...) and {DIRECT_INGRESS_FLAG}=1 here; or set ingress=proxy", file=sys.stderr)
+        return 2
     connect_ray(cfg.ray)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     deployed = False
     try:
-        port = start_serve(cfg.host, cfg.port)
-        if port != cfg.port:
-            print(f"error: Serve is already running on this cluster with port {port}, not {cfg.port}; "
-                  f"use --port {port}", file=sys.stderr)
+        proxy_port = start_serve(cfg.host, cfg.serve_proxy_port)
+        if proxy_port != cfg.serve_proxy_port:
+            hint = f"proxy_port={proxy_port}" if cfg.ingress == "direct" else f"--port {proxy_port}"
+            print(f"error: Serve is already running on this cluster with its proxy on port {proxy_port}, not "
+                  f"{cfg.serve_proxy_port}; use {hint}", file=sys.stderr)
             return 1
         from app import build_app
 
         try:
             serve.run(build_app(cfg), name=cfg.app_name, route_prefix=cfg.route_prefix)
             deployed = True
-            base = f"http://{cfg.host}:{port}{cfg.route_prefix.rstrip('/')}"
+            base = f"http://{cfg.host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"
             info = wait_ready(base, timeout_s=600, api_key=load_api_key(cfg.auth))
         except Exception as exc:  # deployment failures arrive as several Ray exception types
             print(f"error: the application failed to start: {exc}", file=sys.stderr)
             return 1
         print(f"reasonembed serve: {info['model']} ready on {base} (OpenAI base_url {base}/v1"
-              f"{', search on ' + info['index']['uri'] if info.get('index') else ''}); Ctrl-C to stop", flush=True)
+              f"{', search on ' + info['index']['uri'] if info.get('index') else ''}"
+              f"{f'; direct ingress, Serve proxy on port {proxy_port}' if cfg.ingress == 'direct' else ''}); "
+              "Ctrl-C to stop", flush=True)
         while not stop.wait(1.0):
             pass
         print("reasonembed serve: stopping", flush=True)

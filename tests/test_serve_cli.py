@@ -1,9 +1,11 @@
 """Acceptance: `serve/launch.py --model minilm --port <p> --index <encode output> --api-key-file <f>` serves on
 127.0.0.1:<p> until interrupted (own Ray cluster, real HTTP), then exits 0 on SIGINT; run with the local preset,
-whose ONNX Runtime replica must still give the torch Embedder's vectors to 1e-5."""
+whose ONNX Runtime replica must still give the torch Embedder's vectors to 1e-5, and whose direct ingress (the
+replica answers on <p> itself, Serve's proxy on proxy_port) must still turn overload into 503 + Retry-After."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -39,12 +41,13 @@ def test_launch_serves_until_interrupted(tmp_path, scifact_dir):
                       meta={"encoder": embedder.describe()}).save(str(stage / "index"))
     key = tmp_path / "key"
     key.write_text("cli-secret\n")
-    port = free_port()
+    port, proxy_port = free_port(), free_port()
     log = (tmp_path / "launch.log").open("w")
     proc = subprocess.Popen(
         # The local preset: fused topology, ONNX Runtime backend (exported into a private cache here), no batch wait.
         [sys.executable, str(REPO / "serve" / "launch.py"), "--config", str(REPO / "configs/serve/local-tiny.yaml"),
-         "--model", "minilm", "--port", str(port), "--index", str(stage), "--api-key-file", str(key)],
+         "--model", "minilm", "--port", str(port), "--index", str(stage), "--api-key-file", str(key),
+         f"proxy_port={proxy_port}", "limits.http_max_queued_requests=4", "replica.max_ongoing_requests=2"],
         stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True,
         env={**os.environ, "REASONEMBED_CACHE": str(tmp_path / "cache")},
     )
@@ -65,10 +68,30 @@ def test_launch_serves_until_interrupted(tmp_path, scifact_dir):
         hits = httpx.post(base + "/v1/search", json={"query": docs[3]["text"], "top_k": 3, "prompt_name": "document"},
                           headers=auth, timeout=60).json()["data"][0]["hits"]
         assert hits[0]["doc_id"] == docs[3]["id"]
+        # Serve's own proxy (moved to proxy_port by direct ingress) routes to the same replica
+        via_proxy = httpx.post(f"http://127.0.0.1:{proxy_port}/v1/embeddings", json={"input": docs[0]["text"]},
+                               headers=auth, timeout=60)
+        assert via_proxy.status_code == 200
+        np.testing.assert_allclose(via_proxy.json()["data"][0]["embedding"], r.json()["data"][0]["embedding"],
+                                   atol=1e-6)
+        assert "direct ingress, Serve proxy on port" in (tmp_path / "launch.log").read_text()
+
+        async def burst() -> list[httpx.Response]:  # 64 x 8 long inputs against 2 slots + a queue of 4
+            async with httpx.AsyncClient(timeout=120) as client:
+                return await asyncio.gather(*(client.post(base + "/v1/embeddings", headers=auth,
+                                                          json={"input": [docs[1]["text"]] * 8}) for _ in range(64)))
+
+        answers = asyncio.run(burst())
+        codes = [a.status_code for a in answers]
+        assert set(codes) <= {200, 503} and 200 in codes and 503 in codes, codes
+        assert all(a.headers.get("retry-after") for a in answers if a.status_code == 503)
+        assert httpx.post(base + "/v1/embeddings", json={"input": "after"}, headers=auth,
+                          timeout=60).status_code == 200  # and it recovers
         os.killpg(proc.pid, signal.SIGINT)
         assert proc.wait(120) == 0
-        with pytest.raises(httpx.HTTPError):
-            httpx.get(base + "/health", timeout=5)
+        for url in (base, f"http://127.0.0.1:{proxy_port}"):
+            with pytest.raises(httpx.HTTPError):
+                httpx.get(url + "/health", timeout=5)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

@@ -303,6 +303,32 @@ def test_serve_config_errors_name_the_field(tmp_path):
     assert ServeJobConfig.model_validate(fused.model_dump(mode="json")) == fused  # what each replica re-validates
 
 
+def test_direct_ingress_config_and_cluster_env(capsys):
+    from reasonembed.serving.runner import private_cluster_env
+
+    cfg = load_model(ServeJobConfig, None, ["ingress=direct", "port=9100"])
+    assert (cfg.port, cfg.serve_proxy_port) == (9100, 9101)  # the replica answers on port, Serve's proxy next to it
+    assert load_model(ServeJobConfig, None, ["ingress=direct", "proxy_port=9300"]).serve_proxy_port == 9300
+    assert load_model(ServeJobConfig, None, ["port=9100"]).serve_proxy_port == 9100
+    with pytest.raises(ConfigError, match="autoscaling.max_replicas is 2"):
+        load_model(ServeJobConfig, None, ["ingress=direct", "replica.topology=fused", "autoscaling.max_replicas=2"])
+    with pytest.raises(ConfigError, match="replica.ingress_replicas is 3"):
+        load_model(ServeJobConfig, None, ["ingress=direct", "replica.ingress_replicas=3"])
+    # split + direct scales the model replicas freely: only the HTTP ingress must be single
+    load_model(ServeJobConfig, None, ["ingress=direct", "autoscaling.max_replicas=4"])
+    with pytest.raises(ConfigError, match="proxy_port must differ"):
+        load_model(ServeJobConfig, None, ["ingress=direct", "port=9100", "proxy_port=9100"])
+    with pytest.raises(ConfigError, match="proxy_port only applies to ingress 'direct'"):
+        load_model(ServeJobConfig, None, ["proxy_port=9300"])
+    with pytest.raises(ConfigError, match="ingress"):
+        load_model(ServeJobConfig, None, ["ingress=haproxy"])
+    env = private_cluster_env("direct", 9100)
+    assert env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "1"
+    assert (env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"], env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"]) == (
+        "9100", "9101")  # Ray's range is half-open: exactly one port, the one clients use
+    assert "RAY_SERVE_ENABLE_DIRECT_INGRESS" not in private_cluster_env("proxy", 9100)
+
+
 def test_presets_validate():
     for preset in sorted((REPO / "configs" / "serve").glob("*.yaml")):
         header = preset.read_text().splitlines()[0]
@@ -310,7 +336,7 @@ def test_presets_validate():
         load_model(ServeJobConfig, preset)
 
 
-def test_launch_config_errors_exit_2(tmp_path, capsys):
+def test_launch_config_errors_exit_2(tmp_path, capsys, monkeypatch):
     import launch
 
     assert launch.main(["--model", "minilm", "batching.max_batch_size=0"]) == 2
@@ -319,6 +345,11 @@ def test_launch_config_errors_exit_2(tmp_path, capsys):
     assert "api_key_file" in capsys.readouterr().err
     assert launch.main(["--index", str(tmp_path)]) == 2
     assert "index" in capsys.readouterr().err
+    # direct ingress on a cluster this command did not start: refused before connecting, with the flags to set
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
+    monkeypatch.delenv("RAY_SERVE_ENABLE_DIRECT_INGRESS", raising=False)
+    assert launch.main(["--model", "minilm", "ingress=direct"]) == 2
+    assert "RAY_SERVE_ENABLE_DIRECT_INGRESS=1" in capsys.readouterr().err
     cfg = launch.load_config(launch.parse_args(["--model", "tiny-qwen3", "--port", "9001", "replica.num_cpus=2"]))
     assert (cfg.embedder.model, cfg.port, cfg.replica.num_cpus) == ("tiny-qwen3", 9001, 2.0)
 

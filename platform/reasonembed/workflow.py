@@ -58,7 +58,10 @@ def serve_once(head_address: str, model: str, index: str | None, repo: Path) -> 
 
     port = free_port()
     cmd = [sys.executable, str(repo / "serve" / "launch.py"), "--config", str(repo / "configs/serve/local-tiny.yaml"),
-           "--model", model, "--port", str(port), f"ray.address={head_address}"]
+           "--model", model, "--port", str(port), f"ray.address={head_address}",
+           # The shared demo cluster was started without Serve's direct-ingress flags (they pin one port range at
+           # `ray start`), so the endpoint goes through Serve's proxy here.
+           "ingress=proxy"]
     if index:
         cmd += ["--index", index]
     proc = subprocess.Popen(cmd, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

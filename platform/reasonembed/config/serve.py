@@ -165,8 +165,17 @@ class ServeJobConfig(JobConfig):
         None, description="Model id in /v1/models and accepted in requests' `model`. None: embedder.model."
     )
     app_name: str = Field("reasonembed", description="Serve application name (batch jobs find the model by it).")
-    host: str = Field("127.0.0.1", description="HTTP bind address of the Serve proxy.")
-    port: int = Field(8000, ge=1, le=65535, description="HTTP port of the Serve proxy.")
+    host: str = Field("127.0.0.1", description="HTTP bind address (Serve's proxy, or the replica with direct ingress).")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port clients use.")
+    ingress: Literal["proxy", "direct"] = Field(
+        "proxy",
+        description="proxy: Serve's HTTP proxy listens on host:port and forwards each request to an ingress "
+        "replica. direct: the ingress replica itself listens on host:port (Ray Serve direct ingress), one process "
+        "hop less per request; Serve's proxy then listens on proxy_port. Direct needs exactly one ingress replica.",
+    )
+    proxy_port: int | None = Field(
+        None, ge=1, le=65535, description="Port of Serve's HTTP proxy when ingress is direct (None: port + 1)."
+    )
     route_prefix: str = Field("/", description="Route prefix of the application.")
     index: str | None = Field(
         None,
@@ -183,6 +192,30 @@ class ServeJobConfig(JobConfig):
     batching: BatchingConfig = Field(default_factory=BatchingConfig, description="Dynamic batching.")
     autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig, description="Model replica count.")
     replica: ReplicaConfig = Field(default_factory=ReplicaConfig, description="Replica resources.")
+
+    @property
+    def serve_proxy_port(self) -> int:
+        """Where Serve's HTTP proxy listens: ``port``, or with direct ingress ``proxy_port`` (default port + 1)."""
+        if self.ingress == "proxy":
+            return self.port
+        return self.proxy_port if self.proxy_port is not None else self.port + 1
+
+    @model_validator(mode="after")
+    def _direct_ingress_layout(self) -> ServeJobConfig:
+        # Ray gives each direct-ingress replica its own port from a range; launch.py makes that range exactly
+        # [port, port + 1), so a second ingress replica would find no port and the deployment would fail.
+        if self.ingress == "direct":
+            fused = self.replica.topology == "fused"
+            n = self.autoscaling.max_replicas if fused else self.replica.ingress_replicas
+            if n != 1:
+                field = "autoscaling.max_replicas" if fused else "replica.ingress_replicas"
+                raise ValueError(f"ingress 'direct' serves host:port from one ingress replica, but {field} is {n}; "
+                                 "set it to 1 or use ingress 'proxy' (Serve's proxy balances across replicas)")
+            if self.serve_proxy_port == self.port or (self.proxy_port is None and self.port == 65535):
+                raise ValueError(f"proxy_port must differ from port {self.port} with ingress 'direct'")
+        elif self.proxy_port is not None:
+            raise ValueError("proxy_port only applies to ingress 'direct' (with 'proxy', Serve's proxy uses port)")
+        return self
 
     @model_validator(mode="after")
     def _budget_fits_one_input(self) -> ServeJobConfig:
