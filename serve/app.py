@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -52,6 +53,7 @@ from reasonembed.serving.errors import (  # noqa: E402
 )
 from reasonembed.serving.gate import GateSettings, RequestGate, configure_gate  # noqa: E402
 from reasonembed.serving.metrics import ModelMetrics, api_metrics, local_metrics_text  # noqa: E402
+from reasonembed.serving.runner import DIRECT_INGRESS_FLAG  # noqa: E402
 from reasonembed.serving.search import Retriever, per_query_exclusions  # noqa: E402
 from reasonembed.serving.vectors import matryoshka, wire_vectors  # noqa: E402
 
@@ -374,6 +376,10 @@ class EmbeddingAPI:
 def build_app(args: dict[str, Any] | ServeJobConfig | None = None):
     """The Serve application (``serve run app:build_app``, ``serve deploy serve/config.yaml``, launch.py)."""
     cfg = args if isinstance(args, ServeJobConfig) else config_from_args(args)
+    if cfg.ingress == "direct" and os.environ.get(DIRECT_INGRESS_FLAG) != "1":
+        # e.g. `serve deploy` with ingress: direct on a cluster started without the flag: say where HTTP goes
+        log.warning("ingress: direct needs Ray Serve started with %s=1 (and the port range, see README); without "
+                    "it requests go through Serve's HTTP proxy", DIRECT_INGRESS_FLAG)
     data = cfg.model_dump(mode="json")
     a, r, lim = cfg.autoscaling, cfg.replica, cfg.limits
     actor: dict[str, Any] = {"num_cpus": r.num_cpus, "num_gpus": r.num_gpus}

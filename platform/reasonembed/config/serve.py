@@ -4,6 +4,8 @@ The service is two Serve deployments: ``EmbeddingAPI`` (HTTP ingress: auth, limi
 ``EmbeddingModel`` (model replicas with token-budget dynamic batching, on CPU or GPU), or, with
 ``replica.topology: fused``, one deployment named ``EmbeddingModel`` that does both. Batch jobs call
 ``EmbeddingModel`` through its deployment handle either way, so one set of replicas serves online and batch traffic.
+HTTP reaches the ingress through Serve's proxy (``ingress: proxy``) or, with ``ingress: direct``, the one ingress
+replica listens on the port itself (Ray Serve direct ingress; see ``serving/runner.py`` for the Ray variables).
 
 Batching arithmetic: a Serve batch holds whole request chunks while ``rows x longest row <= token_budget`` and
 ``rows <= max_batch_size``; e.g. token_budget 16384 fits 64 rows of 256 tokens or 256 rows of 64 tokens.
