@@ -41,7 +41,8 @@ def test_launch_serves_until_interrupted(tmp_path, scifact_dir):
                       meta={"encoder": embedder.describe()}).save(str(stage / "index"))
     key = tmp_path / "key"
     key.write_text("cli-secret\n")
-    port, proxy_port = free_port(), free_port()
+    port = free_port()
+    proxy_port = next(p for p in iter(free_port, None) if p != port)
     log = (tmp_path / "launch.log").open("w")
     proc = subprocess.Popen(
         # The local preset: fused topology, ONNX Runtime backend (exported into a private cache here), no batch wait.

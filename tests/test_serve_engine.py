@@ -303,7 +303,7 @@ def test_serve_config_errors_name_the_field(tmp_path):
     assert ServeJobConfig.model_validate(fused.model_dump(mode="json")) == fused  # what each replica re-validates
 
 
-def test_direct_ingress_config_and_cluster_env(capsys):
+def test_direct_ingress_config_and_cluster_env():
     from reasonembed.serving.runner import private_cluster_env
 
     cfg = load_model(ServeJobConfig, None, ["ingress=direct", "port=9100"])
@@ -318,6 +318,8 @@ def test_direct_ingress_config_and_cluster_env(capsys):
     load_model(ServeJobConfig, None, ["ingress=direct", "autoscaling.max_replicas=4"])
     with pytest.raises(ConfigError, match="proxy_port must differ"):
         load_model(ServeJobConfig, None, ["ingress=direct", "port=9100", "proxy_port=9100"])
+    with pytest.raises(ConfigError, match="set proxy_port"):
+        load_model(ServeJobConfig, None, ["ingress=direct", "port=65535"])
     with pytest.raises(ConfigError, match="proxy_port only applies to ingress 'direct'"):
         load_model(ServeJobConfig, None, ["proxy_port=9300"])
     with pytest.raises(ConfigError, match="ingress"):

@@ -213,7 +213,9 @@ class ServeJobConfig(JobConfig):
                 field = "autoscaling.max_replicas" if fused else "replica.ingress_replicas"
                 raise ValueError(f"ingress 'direct' serves host:port from one ingress replica, but {field} is {n}; "
                                  "set it to 1 or use ingress 'proxy' (Serve's proxy balances across replicas)")
-            if self.serve_proxy_port == self.port or (self.proxy_port is None and self.port == 65535):
+            if self.proxy_port is None and self.port == 65535:
+                raise ValueError("port 65535 leaves no port + 1 for Serve's proxy; set proxy_port")
+            if self.serve_proxy_port == self.port:
                 raise ValueError(f"proxy_port must differ from port {self.port} with ingress 'direct'")
         elif self.proxy_port is not None:
             raise ValueError("proxy_port only applies to ingress 'direct' (with 'proxy', Serve's proxy uses port)")
