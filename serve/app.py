@@ -52,6 +52,7 @@ from reasonembed.serving.errors import (  # noqa: E402
     ServingError,
 )
 from reasonembed.serving.gate import GateSettings, RequestGate, configure_gate  # noqa: E402
+from reasonembed.serving.loopback import keep_replica_grpc_on_loopback  # noqa: E402
 from reasonembed.serving.metrics import ModelMetrics, api_metrics, local_metrics_text  # noqa: E402
 from reasonembed.serving.runner import DIRECT_INGRESS_FLAG  # noqa: E402
 from reasonembed.serving.search import Retriever, per_query_exclusions  # noqa: E402
@@ -74,6 +75,7 @@ class ModelReplica:
     """
 
     def __init__(self, cfg: dict[str, Any]):
+        keep_replica_grpc_on_loopback()  # before Serve starts this replica's gRPC server (after the constructor)
         self.cfg = ServeJobConfig.model_validate(cfg)
         emb = self.cfg.embedder
         if emb.num_threads is None and self.cfg.replica.num_gpus == 0 and self.cfg.replica.num_cpus >= 1:
@@ -200,6 +202,7 @@ class EmbeddingAPI:
     ``model`` (a deployment handle), or, when ``model`` is None (fused topology), in this replica."""
 
     async def __init__(self, model, cfg: dict[str, Any]):
+        keep_replica_grpc_on_loopback()
         self.cfg = ServeJobConfig.model_validate(cfg)
         # Fused: build the model before anything else, so a replica that cannot load it fails its constructor.
         self.model = RemoteModel(model) if model is not None else ModelReplica(cfg)

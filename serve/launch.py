@@ -69,6 +69,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error:\n{exc}", file=sys.stderr)
         return 2
 
+    from reasonembed.runtime import apply_env_defaults
+
+    # Before `import ray`: Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER at import, and without it a cluster started
+    # here would bind its servers to the machine's network address (FIELD-NOTES.md), not to 127.0.0.1.
+    apply_env_defaults()
     import ray
     from ray import serve
 

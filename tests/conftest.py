@@ -34,6 +34,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
+
+
+def _listening_sockets(pid: int) -> set[tuple[str, int]]:
+    """(ip, port) of every listening TCP socket of ``pid`` and its descendants (Ray's GCS, raylet, workers, ...)."""
+    import psutil
+
+    root = psutil.Process(pid)
+    found = set()
+    for p in [root, *root.children(recursive=True)]:
+        try:
+            conns = p.net_connections(kind="inet")
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        found |= {(c.laddr.ip, c.laddr.port) for c in conns if c.status == psutil.CONN_LISTEN}
+    return found
+
+
+@pytest.fixture(scope="session")
+def listening_sockets():
+    """``f(pid) -> {(ip, port)}``: what a process tree listens on, to check that servers stay on loopback."""
+    return _listening_sockets
+
+
 def pytest_collection_modifyitems(config, items):
     """Skip `gpu` tests without CUDA (they run on a lent GPU machine)."""
     try:

@@ -29,7 +29,7 @@ def free_port() -> int:
 
 
 @pytest.mark.slow
-def test_launch_serves_until_interrupted(tmp_path, scifact_dir):
+def test_launch_serves_until_interrupted(tmp_path, scifact_dir, listening_sockets):
     from reasonembed.config.embedder import EmbedderConfig
     from reasonembed.index.faiss_index import SearchIndex
     from reasonembed.models.embedder import Embedder
@@ -50,7 +50,9 @@ def test_launch_serves_until_interrupted(tmp_path, scifact_dir):
          "--model", "minilm", "--port", str(port), "--index", str(stage), "--api-key-file", str(key),
          f"proxy_port={proxy_port}", "limits.http_max_queued_requests=4", "replica.max_ongoing_requests=2"],
         stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True,
-        env={**os.environ, "REASONEMBED_CACHE": str(tmp_path / "cache")},
+        # Without the Makefile's RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0: launch.py must keep its cluster on loopback
+        env={**{k: v for k, v in os.environ.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"},
+             "REASONEMBED_CACHE": str(tmp_path / "cache")},
     )
     base = f"http://127.0.0.1:{port}"
     try:
@@ -76,6 +78,9 @@ def test_launch_serves_until_interrupted(tmp_path, scifact_dir):
         np.testing.assert_allclose(via_proxy.json()["data"][0]["embedding"], r.json()["data"][0]["embedding"],
                                    atol=1e-6)
         assert "direct ingress, Serve proxy on port" in (tmp_path / "launch.log").read_text()
+        listening = listening_sockets(proc.pid)
+        assert ("127.0.0.1", port) in listening and ("127.0.0.1", proxy_port) in listening
+        assert {ip for ip, _ in listening} <= {"127.0.0.1", "::1", "::ffff:127.0.0.1"}, listening  # all on loopback
 
         async def burst() -> list[httpx.Response]:  # 64 x 8 long inputs against 2 slots + a queue of 4
             async with httpx.AsyncClient(timeout=120) as client:

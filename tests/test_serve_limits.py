@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -56,7 +57,7 @@ def service(ray_local, tiny_qwen3_path, tmp_path_factory):
     _get_global_client().deploy_apps(ServeDeploySchema.model_validate(raw), _blocking=False)
     base = f"http://127.0.0.1:{port}/secure"
     ready = wait_ready(base, timeout_s=300)
-    yield {"base": base, "ready": ready}
+    yield {"base": base, "ready": ready, "port": port}
     serve.delete(APP)
     serve.shutdown()
 
@@ -77,6 +78,14 @@ def test_deployed_from_serve_config(service):
     assert status.status == "RUNNING"
     assert set(status.deployments) == {"EmbeddingAPI", "EmbeddingModel"}  # the split topology (the default)
     assert service["ready"]["ready"]
+
+
+def test_every_server_listens_on_loopback_only(service, listening_sockets):
+    """Everything this test session started (Ray, Serve's proxy and both deployments' replicas, moto S3) listens on
+    loopback; Serve's per-replica gRPC server would bind [::] without serving/loopback.py."""
+    listening = listening_sockets(os.getpid())
+    assert any(port == service["port"] for _, port in listening)
+    assert {ip for ip, _ in listening} <= {"127.0.0.1", "::1", "::ffff:127.0.0.1"}, sorted(listening)
 
 
 def test_split_model_handle_equals_http(service):
