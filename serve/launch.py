@@ -79,22 +79,25 @@ def main(argv: list[str] | None = None) -> int:
 
     from reasonembed.runtime import connect_ray, setup_logging
     from reasonembed.serving.auth import load_api_key
-    from reasonembed.serving.runner import DIRECT_INGRESS_FLAG, private_cluster_env, start_serve, wait_ready
+    from reasonembed.serving.runner import (
+        DIRECT_INGRESS_FLAG,
+        FAST_PATH_ENV,
+        direct_ingress_env,
+        start_serve,
+        wait_ready,
+    )
 
     setup_logging()
     owns_cluster = not ray.is_initialized() and not (cfg.ray.address or os.environ.get("RAY_ADDRESS"))
     if owns_cluster:
-        env = private_cluster_env(cfg.ingress, cfg.port)
-        for key, value in env.items():
-            # The fast-path flags give way to the user's environment; the direct-ingress ones must match the config.
-            if key.startswith("RAY_SERVE_DIRECT_INGRESS") or key == DIRECT_INGRESS_FLAG:
-                os.environ[key] = value
-            else:
-                os.environ.setdefault(key, value)
+        for key, value in FAST_PATH_ENV.items():
+            os.environ.setdefault(key, value)  # the user's environment wins
+        if cfg.ingress == "direct":
+            os.environ.update(direct_ingress_env(cfg.port))  # must match the config
     elif cfg.ingress == "direct" and os.environ.get(DIRECT_INGRESS_FLAG) != "1":
+        flags = " ".join(f"{k}={v}" for k, v in direct_ingress_env(cfg.port).items())
         print(f"config error:\ningress: 'direct' on an existing cluster needs Ray started with direct ingress "
-              f"(e.g. {' '.join(f'{k}={v}' for k, v in private_cluster_env('direct', cfg.port).items())} ray start "
-              f"...) and {DIRECT_INGRESS_FLAG}=1 here; or set ingress=proxy", file=sys.stderr)
+              f"(e.g. {flags} ray start ...) and {DIRECT_INGRESS_FLAG}=1 here; or set ingress=proxy", file=sys.stderr)
         return 2
     connect_ray(cfg.ray)
     stop = threading.Event()

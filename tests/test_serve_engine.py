@@ -304,7 +304,7 @@ def test_serve_config_errors_name_the_field(tmp_path):
 
 
 def test_direct_ingress_config_and_cluster_env():
-    from reasonembed.serving.runner import private_cluster_env
+    from reasonembed.serving.runner import direct_ingress_env
 
     cfg = load_model(ServeJobConfig, None, ["ingress=direct", "port=9100"])
     assert (cfg.port, cfg.serve_proxy_port) == (9100, 9101)  # the replica answers on port, Serve's proxy next to it
@@ -324,11 +324,10 @@ def test_direct_ingress_config_and_cluster_env():
         load_model(ServeJobConfig, None, ["proxy_port=9300"])
     with pytest.raises(ConfigError, match="ingress"):
         load_model(ServeJobConfig, None, ["ingress=haproxy"])
-    env = private_cluster_env("direct", 9100)
+    env = direct_ingress_env(9100)
     assert env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "1"
     assert (env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"], env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"]) == (
         "9100", "9101")  # Ray's range is half-open: exactly one port, the one clients use
-    assert "RAY_SERVE_ENABLE_DIRECT_INGRESS" not in private_cluster_env("proxy", 9100)
 
 
 def test_presets_validate():

@@ -29,8 +29,10 @@ def keep_replica_grpc_on_loopback() -> bool:
     from ray.serve._private import replica as replica_module
 
     original = getattr(replica_module, "add_port_to_grpc_server", None)
-    if original is None or getattr(original, _MARK, False):
-        return original is not None
+    if original is None:
+        return False
+    if getattr(original, _MARK, False):
+        return True
     if not _is_loopback(ray.util.get_node_ip_address()):
         return False
 

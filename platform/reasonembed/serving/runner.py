@@ -25,12 +25,6 @@ def direct_ingress_env(port: int) -> dict[str, str]:
             "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + 1)}
 
 
-def private_cluster_env(ingress: str, port: int) -> dict[str, str]:
-    """Environment for a Ray cluster started only to serve: the fast-path flags, plus direct ingress on ``port``
-    when ``ingress == "direct"``."""
-    return {**FAST_PATH_ENV, **(direct_ingress_env(port) if ingress == "direct" else {})}
-
-
 def start_serve(host: str = "127.0.0.1", port: int = 8000) -> int:
     """Start Serve's HTTP proxy on ``host:port`` (or attach to a running Serve); returns the port it listens on.
 
