@@ -81,7 +81,7 @@ def test_presets_validate_and_carry_their_launch_line(path):
         pytest.skip(f"{verb} not available")
     load_job_config(verb, path)
     first = path.read_text().splitlines()[0]
-    assert first.startswith(f"# ray job submit --working-dir . -- python jobs/{verb}.py --config configs/{verb}/") or (
+    assert first.startswith(f"# ray job submit --working-dir . -- python jobs/{verb.replace('-', '_')}.py --config configs/{verb}/") or (
         verb == "serve" and first.startswith("#"))
 
 

@@ -108,7 +108,7 @@ def plan(
     opts = options or SubmitOptions()
     overrides = list(overrides)
     wd = Path(opts.working_dir).resolve()
-    script = script or f"jobs/{verb}.py"
+    script = script or f"jobs/{verb.replace('-', '_')}.py"  # a verb's hyphens are underscores in module names
     if not (wd / script).is_file():
         raise SubmitError(f"{script} not found under {wd}: run from the repository root or pass --working-dir")
     cfg_path = Path(config_path).resolve()

@@ -28,6 +28,7 @@ JOB_CONFIGS: dict[str, str] = {
     "synthesize": "reasonembed.config.synthesize:SynthesizeJobConfig",
     "train": "reasonembed.config.train:TrainJobConfig",
     "serve": "reasonembed.config.serve:ServeJobConfig",
+    "audit-annotator": "reasonembed.config.audit:AuditJobConfig",
 }
 
 

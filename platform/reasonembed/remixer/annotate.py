@@ -117,7 +117,7 @@ def run(ctx: Context, h: str) -> tuple[dict, LLMStageStats]:
     stats = run_llm_shards(stage, pairs, shards, ctx.cfg.annotator, AnnotationMessages(ctx.profiles),
                            ScoreParser(ctx.cfg.annotate), id_column="pair_id",
                            keep_columns=["query_id", "doc_id", "rank", "domain", "shard"],
-                           batch_invariant=ctx.cfg.batch_invariant)
+                           batch_invariant=ctx.cfg.batch_invariant, engines=ctx.engines)
     out, errors = stage.read_parts(), stage.read_errors()
     hist = Counter(out["score"].to_pylist()) if out.num_rows else Counter()
     total_tokens = int(pc.sum(out["num_generated_tokens"]).as_py() or 0) if out.num_rows else 0

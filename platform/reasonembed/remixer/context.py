@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from reasonembed.config.synthesize import SynthesizeJobConfig
+from reasonembed.llm.engine_pool import EnginePool
 from reasonembed.remixer.prompts import DomainProfile, profiles
 from reasonembed.storage import RunDir, StageDir, open_run
 
@@ -25,6 +26,8 @@ class Context:
     run: RunDir
     profiles: dict[str, DomainProfile]
     hashes: dict[str, str] = field(default_factory=dict)
+    # The run's shared vLLM engines (one per model and engine settings); None: each LLM stage starts its own.
+    engines: EnginePool | None = None
 
     @classmethod
     def open(cls, cfg: SynthesizeJobConfig) -> Context:

@@ -148,7 +148,7 @@ def run_generate(ctx: Context, h: str) -> tuple[dict, LLMStageStats]:
                            GenerationMessages(ctx.profiles, ctx.cfg.generate.language), _post_generate,
                            id_column="gen_id",
                            keep_columns=["domain", "source_doc_id", "shard", "length", "education"],
-                           batch_invariant=ctx.cfg.batch_invariant)
+                           batch_invariant=ctx.cfg.batch_invariant, engines=ctx.engines)
     out, errors = stage.read_parts(), stage.read_errors()
     _, dups = unique_queries(out)
     fields = {"rows_in": requests.num_rows, "rows_out": out.num_rows, "rows_error": errors.num_rows,
@@ -185,7 +185,7 @@ def run_reason(ctx: Context, h: str) -> tuple[dict, LLMStageStats]:
     stats = run_llm_shards(stage, rows, shards, reason_engine(ctx),
                            ReasoningMessages(ctx.profiles, ctx.cfg.reasoning.prompt), _post_reason,
                            id_column="query_id", keep_columns=["domain", "source_doc_id", "shard"],
-                           batch_invariant=ctx.cfg.batch_invariant)
+                           batch_invariant=ctx.cfg.batch_invariant, engines=ctx.engines)
     out, errors = stage.read_parts(), stage.read_errors()
     fields = {"rows_in": rows.num_rows, "rows_out": out.num_rows, "rows_error": errors.num_rows,
               "errors_by_reason": _reasons(errors),

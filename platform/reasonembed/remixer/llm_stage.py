@@ -20,12 +20,13 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from reasonembed.config.llm import LLMEngineConfig
+from reasonembed.llm.engine_pool import EnginePool
 from reasonembed.storage import StageDir
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ class LLMStageStats:
     llm_s: float = 0.0  # from submitting the pipeline to the last output (actor and engine start-up included)
     first_output_s: float = 0.0  # from submitting to the first output batch (mostly start-up)
     steady_tokens: int = 0  # tokens of the batches after the first
+    model: dict = field(default_factory=dict)  # what ran: see model_record
 
     @property
     def tokens_per_s(self) -> float:
@@ -63,7 +65,7 @@ class LLMStageStats:
                 "rows_sent": self.rows_sent, "prompt_tokens": self.prompt_tokens,
                 "generated_tokens": self.generated_tokens, "llm_s": round(self.llm_s, 3),
                 "first_output_s": round(self.first_output_s, 3), "tokens_per_s": round(self.tokens_per_s, 1),
-                "steady_tokens_per_s": round(self.steady_tokens_per_s, 1)}
+                "steady_tokens_per_s": round(self.steady_tokens_per_s, 1), "model": self.model}
 
 
 def run_llm_shards(
@@ -77,6 +79,7 @@ def run_llm_shards(
     id_column: str,
     keep_columns: list[str],
     batch_invariant: bool = True,
+    engines: EnginePool | None = None,
 ) -> LLMStageStats:
     """Generate for every pending shard of ``rows`` and commit each shard through ``postprocess``.
 
@@ -90,11 +93,13 @@ def run_llm_shards(
         id_column: unique row id (also seeds sampling).
         keep_columns: input columns carried to the output rows.
         batch_invariant: run the engine in batch-invariant mode (:func:`batch_invariant_engine`).
+        engines: the run's shared engines (one per model; ``reasonembed.llm.engine_pool``); None starts a pipeline-
+            local actor pool as ``ray.data.llm`` does.
     """
     from reasonembed.llm import generate
 
     done = stage.done_shards()
-    stats = LLMStageStats(shards_done_before=len(done & set(shards)))
+    stats = LLMStageStats(shards_done_before=len(done & set(shards)), model=model_record(engine))
     pending = [s for s in shards if s not in done]
     if not pending:
         return stats
@@ -114,7 +119,8 @@ def run_llm_shards(
              len(todo), stats.shards_done_before)
     ds = ray.data.from_arrow([by_shard[s] for s in todo])
     engine = cpu_seed_safe(batch_invariant_engine(engine) if batch_invariant else engine)
-    out = generate(ds, engine, build_messages, id_column=id_column, keep_columns=keep_columns)
+    out = generate(ds, engine, build_messages, id_column=id_column, keep_columns=keep_columns, engines=engines,
+                   stage_name=stage.stage)
     got: dict[str, list[pa.Table]] = defaultdict(list)
     seen: dict[str, set] = defaultdict(set)
     t0 = time.time()
@@ -145,6 +151,24 @@ def run_llm_shards(
         raise RuntimeError(f"{stage.stage}: the engine returned no output for some rows (shard: missing rows) "
                            f"{missing}; re-run to retry these shards")
     return stats
+
+
+def model_record(engine: LLMEngineConfig) -> dict:
+    """The model a stage ran, for its manifest: reference, resolved folder, weights fingerprint, effective dtype.
+
+    Remote sources (hub names, s3://) are recorded as given with no fingerprint: their bytes are only on the engine
+    nodes.
+    """
+    from pathlib import Path
+
+    from reasonembed.llm.engine import engine_kwargs, resolve_model_source
+    from reasonembed.models.fingerprint import model_fingerprint
+
+    source = resolve_model_source(engine.model)
+    local = Path(source).is_dir()
+    return {"reference": engine.model, "resolved": source,
+            "fingerprint": model_fingerprint(source) if local else None,
+            "dtype": engine_kwargs(engine)["dtype"]}
 
 
 def batch_invariant_engine(engine: LLMEngineConfig) -> LLMEngineConfig:

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from reasonembed.config.synthesize import SynthesizeJobConfig
+from reasonembed.llm.engine_pool import EnginePool
 from reasonembed.remixer import annotate, generate, mine, prepare, report
 from reasonembed.remixer import format as format_stage
 from reasonembed.remixer.context import Context
@@ -61,17 +62,24 @@ def run(cfg: SynthesizeJobConfig) -> dict[str, Any]:
     ]
     ran: dict[str, dict] = {}
     upstream = ""
-    for name, hash_fn, run_fn in plan:
-        if name == "reason" and not cfg.reasoning.enabled:
-            continue
-        h[name] = upstream = hash_fn(upstream)
-        ran[name] = _run_stage(ctx, name, upstream, lambda fn=run_fn, hh=upstream: fn(ctx, hh))
-        if name == cfg.stop_after:
-            log.info("synthesize: stop_after=%s reached", name)
-            break
+    ctx.engines = EnginePool() if cfg.share_engines else None
+    try:
+        for name, hash_fn, run_fn in plan:
+            if name == "reason" and not cfg.reasoning.enabled:
+                continue
+            h[name] = upstream = hash_fn(upstream)
+            ran[name] = _run_stage(ctx, name, upstream, lambda fn=run_fn, hh=upstream: fn(ctx, hh))
+            if name == cfg.stop_after:
+                log.info("synthesize: stop_after=%s reached", name)
+                break
+    finally:
+        engines = ctx.engines.summary() if ctx.engines is not None else []
+        if ctx.engines is not None:
+            ctx.engines.close()
     summary = report.build(ctx)
     summary["skipped_stages"] = [k for k, v in ran.items() if v["skipped"]]
     summary["stage_hashes"] = dict(h)
+    summary["engines"] = engines
     summary["wall_s"] = round(time.time() - t0, 2)
     summary = report.write(ctx, summary)
     for line in report.summary_lines(summary):

@@ -180,7 +180,7 @@ def _domain_filter(ctx: Context, h: str, eligible: dict[str, list[tuple[str, str
 
     stats = run_llm_shards(stage, table, shards, filter_engine(ctx), FilterMessages(ctx.profiles), post,
                            id_column="row_id", keep_columns=["domain", "doc_id", "shard"],
-                           batch_invariant=ctx.cfg.batch_invariant)
+                           batch_invariant=ctx.cfg.batch_invariant, engines=ctx.engines)
     verdicts = stage.read_parts()
     errors = stage.read_errors().to_pylist()
     keep = set()
