@@ -185,10 +185,13 @@ def test_config_preset_verb_and_flags():
     assert job_config_class("audit-annotator") is AuditJobConfig
     cfg = load_job_config("audit-annotator", PRESET)
     assert cfg.annotator == AuditJobConfig().annotator and cfg.n_queries == 40
-    assert cfg.annotator.structured_output.regex == r"[\s\S]{0,64}<score>[1-5]</score>"
-    # the scifact profile is the synthesize preset's, so the audit scores what synthesis would
-    synth = yaml.safe_load((REPO / "configs" / "synthesize" / "local-tiny.yaml").read_text())
+    # the annotator, its prompt and the scifact profile are the synthesize preset's: the audit scores what synthesis
+    # would
+    synth_path = REPO / "configs" / "synthesize" / "local-tiny.yaml"
+    synth = yaml.safe_load(synth_path.read_text())
     assert cfg.domain_profile.model_dump(exclude_none=True) == synth["domain_profiles"]["scifact"]
+    synth_cfg = load_job_config("synthesize", synth_path)
+    assert cfg.annotator == synth_cfg.annotator and cfg.annotate.prompt == synth_cfg.annotate.prompt
     assert AuditJobConfig.FLAGS["model"] == "annotator.model"
     with pytest.raises(ConfigError, match="relevant_min_score"):
         load_job_config("audit-annotator", PRESET, ["relevant_min_score=1"])
@@ -213,7 +216,9 @@ def test_audit_end_to_end_on_scifact(ray_local, scifact_dir, tmp_path):
     from reasonembed.remixer.audit import run
 
     cfg = load_job_config("audit-annotator", PRESET, [
-        f"data={scifact_dir}", f"out={tmp_path}", "run_id=e2e", "n_queries=4", "annotator.sampling.max_tokens=48"])
+        f"data={scifact_dir}", f"out={tmp_path}", "run_id=e2e", "n_queries=4", "annotator.sampling.max_tokens=48",
+        # machinery only: the random-weight tiny model, with a score shape it reaches within 48 tokens
+        "annotator.model=tiny-qwen3", "annotator.structured_output.regex='[\\s\\S]{0,24}<score>[1-5]</score>'"])
     report = run(cfg)
     out = tmp_path / "e2e" / "audit"
     on_disk = json.loads((out / "report.json").read_text())

@@ -31,6 +31,11 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(5400)]
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "synthesize" / "local-tiny.yaml"
+# These tests exercise machinery (ids, shards, kills, error rows), so they swap the preset's real SmolLM2 for the
+# random-weight tiny Qwen3 (faster to start and to run) and ask for byte-identical re-runs. The tiny model needs a
+# looser annotation shape: it never writes a sentence of reasoning before the tag within the token budget.
+MACHINERY = ["generator.model=tiny-qwen3", "annotator.model=tiny-qwen3", "batch_invariant=true",
+             "annotator.structured_output.regex='[\\s\\S]{0,64}<score>[1-5]</score>'"]
 STAGE_KEYS = {  # the id column of each stage's rows
     "prepare": "doc_id", "pool": "doc_id", "generate": "gen_id", "reason": "query_id", "mine": "query_id",
     "annotate": "pair_id", "format": "sample_id",
@@ -65,11 +70,13 @@ def _kill_tagged(tag: str) -> None:
 
 
 def _kill_engine_actors(tag: str) -> list[int]:
-    """SIGKILL the vLLM actor processes (``ray::MapWorker(MapBatches(vLLMEngineStageUDF))``) of a tagged run."""
+    """SIGKILL the vLLM engine actor processes of a tagged run (the run's shared ``ray::EngineHost``, or
+    ``ray::MapWorker(MapBatches(vLLMEngineStageUDF))`` with share_engines=false)."""
     killed = []
     for pid in _tagged_pids(tag):
         try:
-            if b"vLLMEngineStageUDF" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            if b"EngineHost" in cmdline or b"vLLMEngineStageUDF" in cmdline:
                 os.kill(pid, signal.SIGKILL)
                 killed.append(pid)
         except (OSError, ProcessLookupError):
@@ -103,7 +110,7 @@ def run_pipeline(out: Path, data: Path, overrides: list[str], kill_when: str | N
     env = {**os.environ, "REMIXER_TEST_TAG": tag, "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ADDRESS", None)  # the job starts its own local cluster
     cmd = [sys.executable, str(REPO / "jobs" / "synthesize.py"), "--config", str(CONFIG), "--data", str(data),
-           "--out", str(out), *overrides]
+           "--out", str(out), "--verbose", *MACHINERY, *overrides]
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         killed_with = actor_killed = None
@@ -242,7 +249,9 @@ def test_killed_driver_and_actor_then_resumed_equals_uninterrupted(reference_run
     assert second["actor_killed"], "the engine actor was never seen generating"
     log = second["log"].read_text(errors="replace")
     annotate_part = log[log.index("synthesize/annotate:"):]
-    assert annotate_part.count("init engine (profile") >= 2, "the killed actor was not restarted mid-stage"
+    # The run's one engine started in generate; the annotate stage reuses it, so any engine start logged after
+    # "synthesize/annotate:" is Ray restarting the killed actor.
+    assert annotate_part.count("init engine (profile") >= 1, "the killed actor was not restarted mid-stage"
     assert final["stages"]["generate"]["shards_done_before"] >= 1  # resumed, not redone
     for stage in STAGE_KEYS:
         got, want = stage_rows(out, stage), stage_rows(ref_out, stage)

@@ -362,3 +362,19 @@ def test_prepare_reads_and_writes_s3(mixed_corpus, s3_server, data_dir):
     assert "runs/local-tiny/synthesize/pool/part-biology.parquet" in keys
     sources = ctx.stage("prepare").read_parts()["doc_id"].to_pylist()
     assert len(sources) == fields["rows_out"] == 20 and not set(sources) & set(gold)
+
+
+def test_query_cleaning_unwraps_json_and_strips_lead_in_labels():
+    from reasonembed.remixer.parsing import strip_lead_in, unwrap_json
+
+    labels = ("scientific claim", "scientific claim")
+    assert unwrap_json('{"claim": "Vitamin D lowers fracture risk."}') == "Vitamin D lowers fracture risk."
+    assert unwrap_json('{"a": "x", "b": "y"}') == '{"a": "x", "b": "y"}'  # two strings: not a one-field wrapper
+    assert unwrap_json("{not json}") == "{not json}"
+    assert strip_lead_in("The claim that statins lower LDL.", labels) == "Statins lower LDL."
+    assert strip_lead_in('The scientific claim is: "Statins lower LDL." The study shows', labels) == "Statins lower LDL."
+    assert strip_lead_in('Claim: "Statins lower LDL in adults', labels) == "Statins lower LDL in adults"
+    assert strip_lead_in("The claims of statins are many.", labels) == "The claims of statins are many."
+    assert strip_lead_in("Statins lower LDL.", ()) == "Statins lower LDL."
+    assert parse_query('"Claim: statins lower LDL."', labels) == ("Statins lower LDL.", None)
+    assert parse_query("Claim:", labels) == ("Claim:", None)  # nothing after the label: keep the text as written

@@ -21,12 +21,12 @@ _DOMAIN_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
 def _tiny_annotator() -> LLMEngineConfig:
-    # The annotator block of configs/synthesize/local-tiny.yaml (paper sampling, <= 96 tokens, guided score tag).
+    # The annotator block of configs/synthesize/local-tiny.yaml: SmolLM2-135M, paper sampling, <= 96 tokens, one
+    # guided sentence of reasoning before the score tag.
     return LLMEngineConfig(
-        model="tiny-qwen3", max_model_len=4096, batch_size=8, max_concurrent_batches=2, num_cpus=1,
-        chat_template_kwargs={"enable_thinking": False},
+        model="smollm2-135m", max_model_len=2048, batch_size=8, max_concurrent_batches=2, num_cpus=1,
         sampling=SamplingConfig(temperature=0.7, top_p=0.95, top_k=40, max_tokens=96, seed=0),
-        structured_output=StructuredOutputConfig(regex=r"[\s\S]{0,64}<score>[1-5]</score>"),
+        structured_output=StructuredOutputConfig(regex="Reasoning: [^<\\n]{10,240}\\n<score>[1-5]</score>"),
     )
 
 

@@ -167,6 +167,10 @@ class GenerateConfig(StrictModel):
     """Stage 1: conditioned query generation (sampling lives in ``generator.sampling``)."""
 
     queries_per_doc: int = Field(1, ge=1, description="Queries generated per source document (paper: 1).")
+    prompt: str | None = Field(
+        None, description="Prompt template with {instruction}, {text}, {output_name}, {length}, {education}; None: "
+        "the platform's default (remixer/prompts.py). Small models need shorter prompts than the default's rules.",
+    )
     language: str = Field("English", description="Language of the generated queries.")
     length_buckets: list[WeightedChoice] = Field(
         default_factory=_paper_lengths, description="Target query lengths and their weights (paper: 1,2,3,3,2,1).",
@@ -220,6 +224,10 @@ class AnnotateConfig(StrictModel):
 
     score_pattern: str = Field(
         r"<score>\s*(\d+)\s*</score>", description="Regex whose group 1 is the score (the last match counts)."
+    )
+    prompt: str | None = Field(
+        None, description="Prompt template with {relevance_definition}, {query_type}, {doc_type}, {query}, {doc}; "
+        "None: the platform's default (remixer/prompts.py), which follows the paper's three steps.",
     )
     min_score: int = Field(1, description="Lowest valid score.")
     max_score: int = Field(5, description="Highest valid score.")

@@ -50,11 +50,11 @@ def hash_annotate(ctx: Context, upstream: str) -> str:
 class AnnotationMessages:
     """Picklable row -> annotation prompt."""
 
-    def __init__(self, profiles: dict[str, DomainProfile]):
-        self.profiles = profiles
+    def __init__(self, profiles: dict[str, DomainProfile], template: str | None = None):
+        self.profiles, self.template = profiles, template
 
     def __call__(self, row: dict) -> str:
-        return annotation_prompt(self.profiles[row["domain"]], row["query"], row["doc"])
+        return annotation_prompt(self.profiles[row["domain"]], row["query"], row["doc"], self.template)
 
 
 def pair_rows(ctx: Context) -> pa.Table:
@@ -114,7 +114,7 @@ def run(ctx: Context, h: str) -> tuple[dict, LLMStageStats]:
     stage = ctx.stage("annotate")
     pairs = pair_rows(ctx)
     shards = sorted(ctx.stage("prepare").done_shards())
-    stats = run_llm_shards(stage, pairs, shards, ctx.cfg.annotator, AnnotationMessages(ctx.profiles),
+    stats = run_llm_shards(stage, pairs, shards, ctx.cfg.annotator, AnnotationMessages(ctx.profiles, ctx.cfg.annotate.prompt),
                            ScoreParser(ctx.cfg.annotate), id_column="pair_id",
                            keep_columns=["query_id", "doc_id", "rank", "domain", "shard"],
                            batch_invariant=ctx.cfg.batch_invariant, engines=ctx.engines)

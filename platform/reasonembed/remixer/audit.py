@@ -286,7 +286,7 @@ def run(cfg: AuditJobConfig) -> dict[str, Any]:
     source = resolve_model_source(cfg.annotator.model)
     log.info("audit-annotator: %d pairs from %d queries of %s", len(pairs), len({p["query_id"] for p in pairs}), folder)
     connect_ray(cfg.ray)
-    messages = AnnotationMessages({cfg.domain: profile_for(cfg.domain, cfg.domain_profile)})
+    messages = AnnotationMessages({cfg.domain: profile_for(cfg.domain, cfg.domain_profile)}, cfg.annotate.prompt)
     ok, bad = generate_tables(pa.Table.from_pylist(pairs, schema=PAIR_SCHEMA), cpu_seed_safe(cfg.annotator), messages,
                               id_column="pair_id", keep_columns=["query_id", "doc_id", "label"])
     rows = score_rows(pairs, ok.to_pylist() + bad.to_pylist(), cfg)

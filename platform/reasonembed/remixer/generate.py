@@ -68,12 +68,12 @@ def engine_identity(engine: LLMEngineConfig) -> dict:
 class GenerationMessages:
     """Picklable row -> stage 1 prompt."""
 
-    def __init__(self, profiles: dict[str, DomainProfile], language: str):
-        self.profiles, self.language = profiles, language
+    def __init__(self, profiles: dict[str, DomainProfile], language: str, template: str | None = None):
+        self.profiles, self.language, self.template = profiles, language, template
 
     def __call__(self, row: dict) -> str:
         return generation_prompt(self.profiles[row["domain"]], row["text"], row["length"], row["education"],
-                                 self.language)
+                                 self.language, self.template)
 
 
 class ReasoningMessages:
@@ -109,7 +109,20 @@ def _error(r: dict, row_id: str, reason: str, detail: str, raw: str) -> dict:
             "shard": r["shard"], "reason": reason, "detail": detail, "raw_text": raw}
 
 
-def _parsed_rows(out: pa.Table, id_key: str, empty_detail: str, to_row, schema: pa.Schema):
+class QueryParser:
+    """Picklable ``(shard, generated rows) -> (rows, errors)`` for generate and reason: binds each domain's labels
+    (output name, query type), which the cleaner strips when a model prefixes its answer with them."""
+
+    def __init__(self, profiles: dict[str, DomainProfile], post):
+        self.labels = {d: (p.output_name, p.query_type) for d, p in profiles.items()}
+        self.post = post
+
+    def __call__(self, shard: str, out: pa.Table):
+        return self.post(shard, out, self.labels)
+
+
+def _parsed_rows(out: pa.Table, id_key: str, empty_detail: str, to_row, schema: pa.Schema,
+                 labels: dict[str, tuple[str, ...]]):
     """Split an LLM stage's output into (good rows, error rows): engine errors and texts that parse to nothing
     become error rows with the raw text kept; ``to_row(r, text)`` builds a good row. Both sorted by id."""
     good, bad = [], []
@@ -117,7 +130,7 @@ def _parsed_rows(out: pa.Table, id_key: str, empty_detail: str, to_row, schema: 
         if r.get("error"):
             bad.append(_error(r, r[id_key], r["error"], r.get("error_detail") or "", ""))
             continue
-        text, reason = parse_query(r["generated_text"])
+        text, reason = parse_query(r["generated_text"], labels.get(r["domain"], ()))
         if reason:
             bad.append(_error(r, r[id_key], reason, empty_detail, r["generated_text"]))
             continue
@@ -127,14 +140,14 @@ def _parsed_rows(out: pa.Table, id_key: str, empty_detail: str, to_row, schema: 
     return error_table(good, schema), error_table(bad, ERROR_SCHEMA)
 
 
-def _post_generate(shard: str, out: pa.Table):
+def _post_generate(shard: str, out: pa.Table, labels: dict[str, tuple[str, ...]]):
     def row(r: dict, query: str) -> dict:
         return {"query_id": content_hash("query", r["domain"], query), "gen_id": r["gen_id"],
                 "domain": r["domain"], "source_doc_id": r["source_doc_id"], "shard": r["shard"], "query": query,
                 "length": r["length"], "education": r["education"],
                 "num_generated_tokens": r["num_generated_tokens"], "truncated": r["truncated"]}
 
-    return _parsed_rows(out, "gen_id", "nothing left after cleaning", row, QUERY_SCHEMA)
+    return _parsed_rows(out, "gen_id", "nothing left after cleaning", row, QUERY_SCHEMA, labels)
 
 
 def run_generate(ctx: Context, h: str) -> tuple[dict, LLMStageStats]:
@@ -145,7 +158,8 @@ def run_generate(ctx: Context, h: str) -> tuple[dict, LLMStageStats]:
     if requests is None:
         raise RuntimeError("generate: the prepare stage sampled no source documents (see its manifest)")
     stats = run_llm_shards(stage, requests, shards, ctx.cfg.generator,
-                           GenerationMessages(ctx.profiles, ctx.cfg.generate.language), _post_generate,
+                           GenerationMessages(ctx.profiles, ctx.cfg.generate.language, ctx.cfg.generate.prompt),
+                           QueryParser(ctx.profiles, _post_generate),
                            id_column="gen_id",
                            keep_columns=["domain", "source_doc_id", "shard", "length", "education"],
                            batch_invariant=ctx.cfg.batch_invariant, engines=ctx.engines)
@@ -169,12 +183,12 @@ def unique_queries(queries: pa.Table) -> tuple[pa.Table, int]:
     return t.take(pa.array(first, pa.int64())), t.num_rows - len(first)
 
 
-def _post_reason(shard: str, out: pa.Table):
+def _post_reason(shard: str, out: pa.Table, labels: dict[str, tuple[str, ...]]):
     def row(r: dict, text: str) -> dict:
         return {"query_id": r["query_id"], "domain": r["domain"], "shard": r["shard"], "reasoning_query": text,
                 "num_generated_tokens": r["num_generated_tokens"], "truncated": r["truncated"]}
 
-    return _parsed_rows(out, "query_id", "empty reasoning query", row, REASON_SCHEMA)
+    return _parsed_rows(out, "query_id", "empty reasoning query", row, REASON_SCHEMA, labels)
 
 
 def run_reason(ctx: Context, h: str) -> tuple[dict, LLMStageStats]:
@@ -183,7 +197,8 @@ def run_reason(ctx: Context, h: str) -> tuple[dict, LLMStageStats]:
     shards = sorted(ctx.stage("prepare").done_shards())
     rows = queries.select(["query_id", "domain", "source_doc_id", "shard", "query"])
     stats = run_llm_shards(stage, rows, shards, reason_engine(ctx),
-                           ReasoningMessages(ctx.profiles, ctx.cfg.reasoning.prompt), _post_reason,
+                           ReasoningMessages(ctx.profiles, ctx.cfg.reasoning.prompt),
+                           QueryParser(ctx.profiles, _post_reason),
                            id_column="query_id", keep_columns=["domain", "source_doc_id", "shard"],
                            batch_invariant=ctx.cfg.batch_invariant, engines=ctx.engines)
     out, errors = stage.read_parts(), stage.read_errors()

@@ -6,6 +6,7 @@ manifests count. Nothing is coerced: an unparseable score is an error row, never
 
 from __future__ import annotations
 
+import json
 import re
 
 EMPTY_OUTPUT = "empty_output"
@@ -16,6 +17,7 @@ NOT_YES_NO = "not_yes_no"
 
 _FENCE = re.compile(r"^```[^\n`]*\n(?P<body>[\s\S]*?)\n?```$")
 _QUOTES = (('"', '"'), ("'", "'"), ("\u201c", "\u201d"), ("\u2018", "\u2019"))
+_LEADING_QUOTE = re.compile(r'^["\u201c](?P<body>[^"\u201d]{10,})["\u201d]')
 _THINK = re.compile(r"<think>[\s\S]*?</think>", re.IGNORECASE)
 
 
@@ -38,9 +40,49 @@ def clean_query(text: str) -> str:
             return out
 
 
-def parse_query(text: str) -> tuple[str | None, str | None]:
-    """A cleaned query, or the reason it is unusable."""
-    q = clean_query(text)
+def unwrap_json(text: str) -> str:
+    """The string inside a JSON object with exactly one string value (``{"query": "..."}``), else ``text``.
+
+    Generators guided by a JSON schema answer in that shape; the query is the value, not the object.
+    """
+    t = text.strip()
+    if not (t.startswith("{") and t.endswith("}")):
+        return text
+    try:
+        obj = json.loads(t)
+    except ValueError:
+        return text
+    values = [v for v in obj.values() if isinstance(v, str)] if isinstance(obj, dict) else []
+    return values[0] if len(values) == 1 else text
+
+
+def strip_lead_in(text: str, labels: tuple[str, ...] = ()) -> str:
+    """Remove a leading label the model put before its answer ("Claim: ...", "The scientific claim that ...").
+
+    ``labels`` are the domain's output name and query type (e.g. "scientific claim"); their last word counts too
+    ("claim"). Small models (135 M parameters) often open with such a label; the rest is the query. The first
+    letter is capitalised after a removal.
+    """
+    names = {n.strip().lower() for label in labels if label.strip() for n in (label, label.split()[-1])}
+    if not names:
+        return text
+    alternatives = "|".join(re.escape(n) for n in sorted(names, key=len, reverse=True))
+    pattern = re.compile(rf"^(?:(?:the|a|an|my|new|one|this)\s+)?(?:{alternatives})\s*(?:is\s*:|is\s+that\s+|that\s+|:|-|\u2014)\s*",
+                         re.IGNORECASE)
+    stripped = pattern.sub("", text, count=1)
+    if stripped == text or not stripped:
+        return text
+    quoted = _LEADING_QUOTE.match(stripped)  # 'The claim is: "X." More words...' -> the quoted claim
+    if quoted:
+        stripped = quoted.group("body").strip()
+    elif stripped[0] in "\"\u201c" and not any(q in stripped[1:] for q in "\"\u201d"):
+        stripped = stripped[1:].strip()  # an opening quote the answer never closed (cut at max_tokens)
+    return stripped[0].upper() + stripped[1:] if stripped else text
+
+
+def parse_query(text: str, labels: tuple[str, ...] = ()) -> tuple[str | None, str | None]:
+    """A cleaned query (quotes, fences, a JSON wrapper and a leading label removed), or the reason it is unusable."""
+    q = clean_query(strip_lead_in(clean_query(unwrap_json(clean_query(text))), labels))
     return (q, None) if q else (None, EMPTY_OUTPUT)
 
 

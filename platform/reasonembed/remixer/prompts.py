@@ -237,9 +237,10 @@ Does the passage below belong to the domain "{label}"? Answer with exactly one w
 Answer:"""
 
 
-def generation_prompt(p: DomainProfile, text: str, length: str, education: str, language: str) -> str:
-    """Stage 1 prompt for one source document."""
-    return GENERATION_PROMPT.format(
+def generation_prompt(p: DomainProfile, text: str, length: str, education: str, language: str,
+                      template: str | None = None) -> str:
+    """Stage 1 prompt for one source document (``template`` overrides :data:`GENERATION_PROMPT`, same fields)."""
+    return (template or GENERATION_PROMPT).format(
         instruction=p.generation_instruction.format(language=language), text=text, output_name=p.output_name,
         length=length, education=education,
     )
@@ -250,9 +251,9 @@ def reasoning_prompt(p: DomainProfile, query: str, template: str | None = None) 
     return (template or REASONING_PROMPT).format(query=query, query_type=p.query_type, label=p.label)
 
 
-def annotation_prompt(p: DomainProfile, query: str, doc: str) -> str:
-    """Stage 3 prompt for one (query, candidate) pair."""
-    return ANNOTATION_PROMPT.format(
+def annotation_prompt(p: DomainProfile, query: str, doc: str, template: str | None = None) -> str:
+    """Stage 3 prompt for one (query, candidate) pair (``template`` overrides :data:`ANNOTATION_PROMPT`)."""
+    return (template or ANNOTATION_PROMPT).format(
         relevance_definition=p.relevance_definition, doc_type=p.doc_type, query_type=p.query_type, query=query,
         doc=doc,
     )
