@@ -217,6 +217,13 @@ def test_tiny_run_end_to_end(reference_run, data_dir):
     assert {r["score"] for r in ann} <= {1, 2, 3, 4, 5}
     hist = summary["score_histogram"]
     assert sum(hist.values()) == len(ann)
+    # Every LLM stage records the model it ran; one engine served all three (same model and engine settings).
+    for stage in ("generate", "reason", "annotate"):
+        model = json.loads((syn / stage / "_manifest.json").read_text())["extra"]["model"]
+        assert model["reference"] == "tiny-qwen3" and Path(model["resolved"]).is_dir()
+        assert len(model["fingerprint"]) == 64 and model["dtype"] == "float32"
+    assert [e["stages"] for e in summary["engines"]] == [["synthesize/generate", "synthesize/reason",
+                                                          "synthesize/annotate"]]
     # Report and PNG.
     report = json.loads((syn / "report.json").read_text())
     assert report["source_candidate_fraction"] == 0.0
@@ -282,6 +289,9 @@ def test_free_text_annotation_errors_are_rows(reference_run, tiny_data, tmp_path
     assert ann["rows_error"] == len(errors) > 0 and ann["rows_out"] == scored
     assert scored + len(errors) == ann["rows_in"]
     assert sum(ann["errors_by_reason"].values()) == len(errors)
+    unparsed = sum(1 for e in errors if e["reason"] != "prompt_too_long")
+    assert ann["extra"]["parse_failures"] == unparsed
+    assert ann["extra"]["parse_failure_rate"] == round(unparsed / (scored + unparsed), 4)
     reasons = {e["reason"] for e in errors}
     assert "prompt_too_long" in reasons and reasons & {"no_score_tag", "score_out_of_range", "empty_output"}
     for e in errors:

@@ -25,7 +25,7 @@ from reasonembed.config.synthesize import AnnotateConfig
 from reasonembed.remixer.context import Context
 from reasonembed.remixer.generate import engine_identity, final_queries
 from reasonembed.remixer.ids import content_hash, stage_hash
-from reasonembed.remixer.llm_stage import LLMStageStats, error_table, run_llm_shards
+from reasonembed.remixer.llm_stage import LLMStageStats, error_table, parse_failures, run_llm_shards
 from reasonembed.remixer.parsing import parse_score
 from reasonembed.remixer.prompts import DomainProfile, annotation_prompt
 
@@ -123,6 +123,7 @@ def run(ctx: Context, h: str) -> tuple[dict, LLMStageStats]:
     total_tokens = int(pc.sum(out["num_generated_tokens"]).as_py() or 0) if out.num_rows else 0
     fields = {"rows_in": pairs.num_rows, "rows_out": out.num_rows, "rows_error": errors.num_rows,
               "errors_by_reason": dict(Counter(errors["reason"].to_pylist())) if errors.num_rows else {},
-              "extra": {**stats.as_dict(), "score_histogram": {str(k): hist[k] for k in sorted(hist)},
+              "extra": {**stats.as_dict(), **parse_failures(errors, out.num_rows),
+                        "score_histogram": {str(k): hist[k] for k in sorted(hist)},
                         "generated_tokens_total": total_tokens}}
     return fields, stats

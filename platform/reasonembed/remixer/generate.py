@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 from reasonembed.config.llm import LLMEngineConfig
 from reasonembed.remixer.context import Context
 from reasonembed.remixer.ids import content_hash, row_rng, stage_hash, weighted_pick
-from reasonembed.remixer.llm_stage import LLMStageStats, error_table, run_llm_shards
+from reasonembed.remixer.llm_stage import LLMStageStats, error_table, parse_failures, run_llm_shards
 from reasonembed.remixer.parsing import parse_query
 from reasonembed.remixer.prompts import DomainProfile, generation_prompt, reasoning_prompt
 
@@ -167,7 +167,7 @@ def run_generate(ctx: Context, h: str) -> tuple[dict, LLMStageStats]:
     _, dups = unique_queries(out)
     fields = {"rows_in": requests.num_rows, "rows_out": out.num_rows, "rows_error": errors.num_rows,
               "errors_by_reason": _reasons(errors),
-              "extra": {**stats.as_dict(), "duplicate_queries": dups,
+              "extra": {**stats.as_dict(), **parse_failures(errors, out.num_rows), "duplicate_queries": dups,
                         "generated_tokens_total": _sum(out, "num_generated_tokens"),
                         "truncated": _sum(out, "truncated")}}
     return fields, stats
@@ -204,7 +204,8 @@ def run_reason(ctx: Context, h: str) -> tuple[dict, LLMStageStats]:
     out, errors = stage.read_parts(), stage.read_errors()
     fields = {"rows_in": rows.num_rows, "rows_out": out.num_rows, "rows_error": errors.num_rows,
               "errors_by_reason": _reasons(errors),
-              "extra": {**stats.as_dict(), "generated_tokens_total": _sum(out, "num_generated_tokens"),
+              "extra": {**stats.as_dict(), **parse_failures(errors, out.num_rows),
+                        "generated_tokens_total": _sum(out, "num_generated_tokens"),
                         "truncated": _sum(out, "truncated")}}
     return fields, stats
 

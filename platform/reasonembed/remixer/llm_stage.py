@@ -153,6 +153,18 @@ def run_llm_shards(
     return stats
 
 
+def parse_failures(errors: pa.Table, rows_out: int) -> dict:
+    """``parse_failures`` (error rows whose text came back but did not parse) and ``parse_failure_rate`` (over the
+    rows the engine answered: parsed + unparseable; requests that never reached or failed in the engine are not
+    parse failures)."""
+    from reasonembed.llm.prompts import BAD_INPUT, ENGINE_ERROR, PROMPT_TOO_LONG
+
+    not_parse = {BAD_INPUT, ENGINE_ERROR, PROMPT_TOO_LONG}
+    n = sum(1 for r in (errors["reason"].to_pylist() if errors.num_rows else []) if r not in not_parse)
+    answered = rows_out + n
+    return {"parse_failures": n, "parse_failure_rate": round(n / answered, 4) if answered else 0.0}
+
+
 def model_record(engine: LLMEngineConfig) -> dict:
     """The model a stage ran, for its manifest: reference, resolved folder, weights fingerprint, effective dtype.
 
