@@ -19,7 +19,13 @@ from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
 from reasonembed.config import ConfigError, default_config_path, job_config_class, load_job_config
-from reasonembed.runtime import apply_env_defaults, setup_logging
+from reasonembed.runtime import (
+    apply_env_defaults,
+    open_log_file,
+    reset_job_logging,
+    setup_job_logging,
+    setup_logging,
+)
 
 # verb -> library entry "module:function" taking the validated config.
 ENTRIES = {
@@ -27,6 +33,7 @@ ENTRIES = {
     "evaluate": "reasonembed.evaluation.pipeline:run",
     "synthesize": "reasonembed.remixer.pipeline:run",
     "train": "reasonembed.redapter.trainer:run",
+    "audit-annotator": "reasonembed.remixer.audit:run",
 }
 JOB_VERBS = (*ENTRIES, "serve")
 EXIT_USAGE = 2
@@ -51,6 +58,9 @@ def parse_job_args(verb: str, argv: list[str]) -> tuple[Path, list[str], argpars
     parser.add_argument("--config", type=Path, default=None, help=f"YAML config (default configs/{verb}/local-tiny.yaml)")
     for flag, field in flags.items():
         parser.add_argument(f"--{flag.replace('_', '-')}", dest=flag, default=None, help=f"sets {field}")
+    parser.add_argument("--verbose", action="store_true",
+                        help="stream Ray's, Ray Data's and vLLM's logs to the console (default: to a log file under "
+                        "<out>/<run_id>/logs/, path printed; also REASONEMBED_VERBOSE=1)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. embedder.max_length=512")
     ns = parser.parse_args(argv)
     path = ns.config or default_config_path(verb, Path.cwd())
@@ -89,7 +99,7 @@ def run_job(verb: str, argv: list[str]) -> int:
             return EXIT_UNAVAILABLE
         return int(runpy.run_path(str(launcher))["main"](argv) or 0)
     try:
-        path, overrides, _ = parse_job_args(verb, argv)
+        path, overrides, ns = parse_job_args(verb, argv)
         cfg = load_job_config(verb, path, overrides)
     except ModuleNotFoundError as exc:
         print(f"reasonembed {verb}: not available in this version ({exc.name} missing)", file=sys.stderr)
@@ -97,6 +107,8 @@ def run_job(verb: str, argv: list[str]) -> int:
     except ConfigError as exc:
         print(f"reasonembed {verb}: config error:\n{exc}", file=sys.stderr)
         return EXIT_USAGE
+    # Quiet unless --verbose: Ray's, Ray Data's and vLLM's logs go to <out>/<run_id>/logs/<verb>-<time>.log.
+    setup_job_logging(verb, getattr(cfg, "out", None), getattr(cfg, "run_id", None), verbose=ns.verbose)
     mod_name, _, fn_name = ENTRIES[verb].partition(":")
     try:
         entry = getattr(importlib.import_module(mod_name), fn_name)
@@ -106,8 +118,13 @@ def run_job(verb: str, argv: list[str]) -> int:
     try:
         result = entry(cfg)
     except _user_errors() as exc:
+        reset_job_logging(discard=True)  # refused on bad input: a job that never started leaves no log file
         print(f"reasonembed {verb}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except BaseException:
+        open_log_file()  # keep what was logged before the crash
+        raise
+    open_log_file()
     _print_result(result)
     return 0
 
@@ -149,7 +166,7 @@ def doctor() -> int:
     return 0
 
 
-USAGE = """usage: reasonembed <verb> [--config FILE] [--model M] [--data D] [--out O] [key=value ...]
+USAGE = """usage: reasonembed <verb> [--config FILE] [--model M] [--data D] [--out O] [--verbose] [key=value ...]
 
 verbs:
   doctor      versions, hardware, engines, Ray cluster
@@ -157,6 +174,7 @@ verbs:
   evaluate    dense or BM25 retrieval on BEIR / BRIGHT / R2MED -> report.json, report.md, run.trec, PNG
   synthesize  ReMixer: documents -> queries -> mined candidates -> annotations -> training samples
   train       Redapter: RI-InfoNCE fine-tuning on Ray Train -> sentence-transformers model
+  audit-annotator  LLM annotator vs a benchmark's qrels: AUC, score histograms, parse failures -> report
   serve       OpenAI-compatible embeddings + search endpoint on Ray Serve
   submit      submit a job verb to a Ray cluster (reasonembed submit <verb> --address http://head:8265 ...)
 """

@@ -80,9 +80,22 @@ def _relative_existing_paths(cfg: Any, here: Path, prefix: str = "") -> list[tup
             path = f"{prefix}{key}"
             if isinstance(value, dict):
                 found += _relative_existing_paths(value, here, f"{path}.")
-            elif isinstance(value, str) and value and _is_relative_local(value) and (here / value).exists():
+            elif isinstance(value, str) and _looks_like_path(value) and _exists(here / value):
                 found.append((path, value))
     return found
+
+
+def _looks_like_path(value: str) -> bool:
+    """A one-line string short enough to be a file name: prompt templates (multi-line, long) are not paths, and
+    asking the file system about them raises ``OSError: File name too long``."""
+    return bool(value) and "\n" not in value and _is_relative_local(value)
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:  # e.g. a one-line string with a component over the file system's 255-byte name limit
+        return False
 
 
 def _job_config_dict(verb: str, config_path: Path, overrides: list[str]) -> dict[str, Any]:

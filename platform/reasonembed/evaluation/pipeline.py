@@ -12,6 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from reasonembed import progress
 from reasonembed.config.base import ConfigError
 from reasonembed.config.evaluate import EvaluateJobConfig
 from reasonembed.data.catalog import expand_specs, load_task
@@ -48,27 +49,32 @@ def run(cfg: EvaluateJobConfig) -> dict:
 
             connect_ray(cfg.ray)
     reports, runs, results = [], {}, {}
-    for task in tasks:
-        t0 = time.time()
-        k = cfg.top_k or default_top_k(task.benchmark)
-        info: dict = {"top_k": k, "retriever": cfg.retriever}
-        if cfg.retriever == "bm25":
-            run_ = bm25_run(task, cfg.bm25.model_copy(update={"top_k": k}), k=k)
-        else:
-            run_, dense_info = dense_run(cfg, task, embedder, k)
-            info.update(dense_info)
-            if cfg.retriever == "hybrid":
-                run_ = fuse(run_, bm25_run(task, cfg.bm25.model_copy(update={"top_k": k}), k=k), cfg.hybrid_alpha, k)
-        stats = ExclusionStats()
-        run_ = remove_excluded(run_, task.excluded_ids, stats=stats)
-        info.update(excluded_removed=stats.n_removed, queries_with_exclusions_hit=stats.n_queries_affected)
-        res = evaluate(task.qrels, run_, cfg.k_values)
-        info["wall_s"] = round(time.time() - t0, 2)
-        tr = task_report(task, res, **info)
-        reports.append(tr)
-        runs[tr.key], results[tr.key] = run_, res
-        log.info("%s: nDCG@10 %.4f (%d queries, %.1f s)", tr.key, res.mean.get("ndcg_at_10", float("nan")),
-                 res.n_queries, info["wall_s"])
+    # One line for the whole evaluation, counted in queries (a task's queries count once it is scored); a dense
+    # task's corpus encoding shows its own line (reasonembed.index.encode).
+    with progress.step("evaluate", total=sum(len(t.queries) for t in tasks), unit="queries") as bar:
+        for i, task in enumerate(tasks):
+            bar.set_postfix(f"task {i + 1}/{len(tasks)} {task.benchmark}/{task.name}")
+            t0 = time.time()
+            k = cfg.top_k or default_top_k(task.benchmark)
+            info: dict = {"top_k": k, "retriever": cfg.retriever}
+            if cfg.retriever == "bm25":
+                run_ = bm25_run(task, cfg.bm25.model_copy(update={"top_k": k}), k=k)
+            else:
+                run_, dense_info = dense_run(cfg, task, embedder, k)
+                info.update(dense_info)
+                if cfg.retriever == "hybrid":
+                    run_ = fuse(run_, bm25_run(task, cfg.bm25.model_copy(update={"top_k": k}), k=k), cfg.hybrid_alpha, k)
+            stats = ExclusionStats()
+            run_ = remove_excluded(run_, task.excluded_ids, stats=stats)
+            info.update(excluded_removed=stats.n_removed, queries_with_exclusions_hit=stats.n_queries_affected)
+            res = evaluate(task.qrels, run_, cfg.k_values)
+            info["wall_s"] = round(time.time() - t0, 2)
+            tr = task_report(task, res, **info)
+            reports.append(tr)
+            runs[tr.key], results[tr.key] = run_, res
+            log.info("%s: nDCG@10 %.4f (%d queries, %.1f s)", tr.key, res.mean.get("ndcg_at_10", float("nan")),
+                     res.n_queries, info["wall_s"])
+            bar.update(len(task.queries))
     model = embedder.describe() if embedder else {"retriever": "bm25", **cfg.bm25.model_dump()}
     name = cfg.name or (model.get("model_name") if embedder else "BM25")
     if cfg.retriever == "hybrid":

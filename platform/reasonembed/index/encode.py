@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
+from reasonembed import progress
 from reasonembed.config.base import StorageConfig
 from reasonembed.config.embedder import EmbedderConfig
 from reasonembed.config.encode import EncodeEngineConfig, EncodeJobConfig, IndexConfig
@@ -131,45 +132,55 @@ def encode_dataset(
     pending = [s for s in range(n_shards) if s not in done]
     ds = build_ds(n_shards)
     t0 = time.time()
-    for r in range(0, len(pending), engine.shards_per_round):
-        round_shards = set(pending[r:r + engine.shards_per_round])
-        log.info("encoding shards %s (%d/%d pending)", sorted(round_shards), len(pending) - r, n_shards)
-        keys = np.array(sorted(round_shards))
+    # Rows of the pending shards: exact on a fresh run; on a resume, estimated from the shard count (a document's
+    # shard is a hash of its id, so shards hold about the same number of rows) and corrected at the end.
+    total = n_rows if not done else round(n_rows * len(pending) / n_shards)
+    name = "encode" if stage.stage == "encode" else stage.stage
+    rounds = math.ceil(len(pending) / engine.shards_per_round) if pending else 0
+    with progress.step(name, total=total, unit="rows") as bar:
+        for r in range(0, len(pending), engine.shards_per_round):
+            round_shards = set(pending[r:r + engine.shards_per_round])
+            log.info("encoding shards %s (%d/%d pending)", sorted(round_shards), len(pending) - r, n_shards)
+            bar.set_postfix(f"round {r // engine.shards_per_round + 1}/{rounds}, {len(round_shards)} shards")
+            keys = np.array(sorted(round_shards))
 
-        def in_round(batch, keys=keys):
-            mask = np.isin(batch["shard"], keys)
-            return {k: v[mask] for k, v in batch.items()}
+            def in_round(batch, keys=keys):
+                mask = np.isin(batch["shard"], keys)
+                return {k: v[mask] for k, v in batch.items()}
 
-        sub = ds.map_batches(in_round, batch_format="numpy")
-        errors: dict[int, list[dict]] = defaultdict(list)
-        for row in sub.filter(lambda row: row["error"] != "").iter_rows():
-            errors[int(row["shard"])].append({"doc_id": row["doc_id"], "reason": row["error"],
-                                               "text": str(row["text"])[:500]})
-        good = sub.filter(lambda row: row["error"] == "")
-        if engine.backend == "serve":
-            from reasonembed.serving.batch_engine import serve_encode  # optional: shares Serve replicas
+            sub = ds.map_batches(in_round, batch_format="numpy")
+            errors: dict[int, list[dict]] = defaultdict(list)
+            for row in sub.filter(lambda row: row["error"] != "").iter_rows():
+                errors[int(row["shard"])].append({"doc_id": row["doc_id"], "reason": row["error"],
+                                                   "text": str(row["text"])[:500]})
+            bar.update(sum(len(v) for v in errors.values()))  # error rows are done too (they go to errors/)
+            good = sub.filter(lambda row: row["error"] == "")
+            if engine.backend == "serve":
+                from reasonembed.serving.batch_engine import serve_encode  # optional: shares Serve replicas
 
-            out = serve_encode(good, engine.serve_app, engine.window_rows)
-        else:
-            out = good.map_batches(
-                EmbedActor,
-                fn_constructor_kwargs={"embedder_cfg": _actor_cfg(embedder_cfg, engine)},
-                compute=ray.data.ActorPoolStrategy(size=engine.actors),
-                batch_size=engine.window_rows,
-                batch_format="numpy",
-                num_cpus=engine.num_cpus_per_actor,
-                num_gpus=engine.num_gpus_per_actor or None,
-                accelerator_type=engine.accelerator_type,
-                resources=engine.resources or None,
-            )
-        rows: dict[int, dict[str, list]] = {s: defaultdict(list) for s in round_shards}
-        for batch in out.iter_batches(batch_format="numpy", batch_size=None):
-            for i in range(len(batch["doc_id"])):
-                acc = rows[int(batch["shard"][i])]
-                for k in ("doc_id", "embedding", "n_tokens", "truncated"):
-                    acc[k].append(batch[k][i])
-        for s in sorted(round_shards):
-            _commit_shard(stage, s, rows[s], errors.get(s, []), dim)
+                out = serve_encode(good, engine.serve_app, engine.window_rows)
+            else:
+                out = good.map_batches(
+                    EmbedActor,
+                    fn_constructor_kwargs={"embedder_cfg": _actor_cfg(embedder_cfg, engine)},
+                    compute=ray.data.ActorPoolStrategy(size=engine.actors),
+                    batch_size=engine.window_rows,
+                    batch_format="numpy",
+                    num_cpus=engine.num_cpus_per_actor,
+                    num_gpus=engine.num_gpus_per_actor or None,
+                    accelerator_type=engine.accelerator_type,
+                    resources=engine.resources or None,
+                )
+            rows: dict[int, dict[str, list]] = {s: defaultdict(list) for s in round_shards}
+            for batch in out.iter_batches(batch_format="numpy", batch_size=None):
+                for i in range(len(batch["doc_id"])):
+                    acc = rows[int(batch["shard"][i])]
+                    for k in ("doc_id", "embedding", "n_tokens", "truncated"):
+                        acc[k].append(batch[k][i])
+                bar.update(len(batch["doc_id"]))
+            for s in sorted(round_shards):
+                _commit_shard(stage, s, rows[s], errors.get(s, []), dim)
+        bar.set_total(bar.n)  # exact now (estimated on a resume)
     return len(done), time.time() - t0
 
 

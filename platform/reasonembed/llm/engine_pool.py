@@ -33,6 +33,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -72,12 +73,26 @@ class EngineHost:
             out.update(part)
         return out
 
-    def shutdown(self) -> None:
-        """Stop the engine core process before the actor goes (a killed engine logs EngineDeadError tracebacks)."""
-        llm = getattr(self.udf, "llm", None)
-        if llm is not None:
-            llm.shutdown()
-            self.udf.llm = None
+    async def shutdown(self) -> None:
+        """Stop the engine core process before the actor goes, quietly.
+
+        vLLM's ``AsyncLLM.shutdown`` cancels the engine-core output queue, which puts an ``EngineDeadError`` into
+        it before the ``output_handler`` task is cancelled, so that task logs an ERROR traceback on every clean
+        shutdown (vllm/v1/engine/async_llm.py, ``output_handler``; core_client.py). Cancelling and awaiting the
+        handler first leaves nothing to log.
+        """
+        import asyncio
+
+        wrapper = getattr(self.udf, "llm", None)
+        if wrapper is None:
+            return
+        handler = getattr(getattr(wrapper, "engine", None), "output_handler", None)
+        if handler is not None and not handler.done():
+            handler.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await handler
+        wrapper.shutdown()
+        self.udf.llm = None
 
 
 def forward_batch(batch: dict[str, Any], hosts: list) -> dict[str, Any]:

@@ -18,14 +18,17 @@ Layout under ``<out>/<run_id>/`` (defaults)::
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
+import threading
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from reasonembed import progress
 from reasonembed.config.base import ConfigError, StorageConfig, config_hash
 from reasonembed.config.train import TrainJobConfig
 from reasonembed.redapter.batching import BatchPlanner
@@ -213,7 +216,8 @@ def run(cfg: TrainJobConfig) -> dict[str, Any]:
     log.info("training %s on %d worker(s) (%s): %d optimizer steps (%d per epoch), from step %d",
              cfg.embedder.model, sc.num_workers, cfg.strategy, total, per_epoch, start_step)
     try:
-        result = trainer.fit()
+        with _follow_steps(where["train"], cfg.storage, total, start_step):
+            result = trainer.fit()
     except Exception as exc:  # Ray Train wraps worker errors in TrainingFailedError subclasses
         from reasonembed.redapter.state import latest_checkpoint
 
@@ -222,6 +226,45 @@ def run(cfg: TrainJobConfig) -> dict[str, Any]:
                 "again resumes from it") if found else "no checkpoint was written"
         raise TrainJobError(f"training failed after max_failures={cfg.max_failures} restarts: {exc}\n{hint}") from exc
     return _finish(cfg, where, data, result, t0, total, stage)
+
+
+@contextlib.contextmanager
+def _follow_steps(train_uri: str, storage: StorageConfig | None, total: int, start_step: int):
+    """A progress line of optimizer steps while ``trainer.fit()`` blocks the driver.
+
+    The steps come back through the step log that rank 0 flushes (``metrics.jsonl``, every ``log.flush_every_n_steps``
+    steps and at checkpoints), polled by a daemon thread: Ray Train's own callbacks run in its controller actor,
+    not in this process. Steps resumed from a checkpoint are not counted, so rate and ETA are this attempt's.
+    """
+    if not progress.enabled():
+        yield
+        return
+    poll_s = 15.0 if is_s3(train_uri) else 3.0
+    stop = threading.Event()
+    with progress.step("train", total=max(0, total - start_step), unit="steps") as bar:
+        if start_step:
+            bar.set_postfix(f"resumed at step {start_step}")
+
+        def read() -> None:
+            try:
+                rows = read_rows(train_uri, storage)
+                if rows:
+                    bar.set(max(0, min(total, int(rows[-1]["step"]) + 1) - start_step))
+            except Exception as exc:  # a half-written file or a storage hiccup: next poll
+                log.debug("step log not readable yet: %s", exc)
+
+        def poll() -> None:
+            while not stop.wait(poll_s):
+                read()
+
+        thread = threading.Thread(target=poll, name="reasonembed-train-progress", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join(timeout=poll_s + 5)
+            read()  # rank 0 flushes the step log when training ends
 
 
 def _finish(cfg: TrainJobConfig, where: dict[str, str], data: TrainingData, result, t0: float, total: int,

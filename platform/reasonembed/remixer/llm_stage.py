@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from reasonembed import progress
 from reasonembed.config.llm import LLMEngineConfig
 from reasonembed.llm.engine_pool import EnginePool
 from reasonembed.storage import StageDir
@@ -124,6 +125,23 @@ def run_llm_shards(
     got: dict[str, list[pa.Table]] = defaultdict(list)
     seen: dict[str, set] = defaultdict(set)
     t0 = time.time()
+    bar = progress.step(stage.stage, total=stats.rows_sent, unit="rows")
+    bar.set_postfix(f"0/{len(todo)} shards")
+    try:
+        _collect(stage, out, expected, got, seen, stats, t0, postprocess, id_column, bar)
+    finally:
+        bar.close(ok=all(stage.has_shard(s) for s in todo))
+    stats.llm_s = time.time() - t0
+    missing = {s: expected[s] - len(seen[s]) for s in todo if not stage.has_shard(s)}
+    if missing:
+        raise RuntimeError(f"{stage.stage}: the engine returned no output for some rows (shard: missing rows) "
+                           f"{missing}; re-run to retry these shards")
+    return stats
+
+
+def _collect(stage: StageDir, out, expected: dict[str, int], got: dict, seen: dict, stats: LLMStageStats, t0: float,
+             postprocess: Postprocess, id_column: str, bar) -> None:
+    """Stream the generation output, group rows by shard, commit each complete shard (module docstring, step 3)."""
     for batch in out.iter_batches(batch_format="pyarrow", batch_size=None):
         n_tokens = int(pc.sum(batch["num_generated_tokens"]).as_py() or 0)
         if not stats.first_output_s:
@@ -138,6 +156,7 @@ def run_llm_shards(
                 log.warning("%s shard %s: %d repeated rows ignored", stage.stage, s, len(ids) - len(fresh))
                 part = part.take(pa.array(fresh, pa.int64()))
             seen[s].update(part[id_column].to_pylist())
+            bar.update(part.num_rows)
             got[s].append(part)
             stats.prompt_tokens += int(pc.sum(part["num_input_tokens"]).as_py() or 0)
             stats.generated_tokens += int(pc.sum(part["num_generated_tokens"]).as_py() or 0)
@@ -145,13 +164,8 @@ def run_llm_shards(
                 table = pa.concat_tables(got.pop(s), promote_options="permissive")
                 _commit(stage, s, table, postprocess)
                 stats.shards_run += 1
-    stats.llm_s = time.time() - t0
-    missing = {s: expected[s] - len(seen[s]) for s in todo if not stage.has_shard(s)}
-    if missing:
-        raise RuntimeError(f"{stage.stage}: the engine returned no output for some rows (shard: missing rows) "
-                           f"{missing}; re-run to retry these shards")
-    return stats
-
+                done = sum(len(seen[x]) == n for x, n in expected.items())
+                bar.set_postfix(f"{done}/{len(expected)} shards")
 
 def parse_failures(errors: pa.Table, rows_out: int) -> dict:
     """``parse_failures`` (error rows whose text came back but did not parse) and ``parse_failure_rate`` (over the
