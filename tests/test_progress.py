@@ -1,4 +1,4 @@
-"""Progress lines (reasonembed.progress), quiet logging (reasonembed.runtime), the demo's console and samples."""
+"""Progress lines (reasonembed.progress), quiet logging (reasonembed.job_logging), the demo's console and samples."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from reasonembed import progress, runtime
+from reasonembed import job_logging, progress, runtime
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -126,15 +126,15 @@ def test_parse_line_finds_a_prefixed_line():
 
 
 def test_job_log_path_creates_nothing(tmp_path):
-    path = runtime.job_log_path("encode", str(tmp_path / "out"), "r1")
+    path = job_logging.job_log_path("encode", str(tmp_path / "out"), "r1")
     assert path.parent == (tmp_path / "out" / "r1" / "logs").resolve() and path.name.startswith("encode-")
     assert not (tmp_path / "out").exists()
-    assert runtime.job_log_path("encode", "s3://bucket/runs", "r1").parent == Path(tempfile.gettempdir())
+    assert job_logging.job_log_path("encode", "s3://bucket/runs", "r1").parent == Path(tempfile.gettempdir())
 
 
 def test_quiet_logging_sends_ray_data_to_the_file_not_the_console(ray_local, tmp_path, capsys, monkeypatch):
-    monkeypatch.delenv(runtime.VERBOSE_ENV, raising=False)
-    path = runtime.setup_job_logging("encode", str(tmp_path), "r1", verbose=False)
+    monkeypatch.delenv(job_logging.VERBOSE_ENV, raising=False)
+    path = job_logging.setup_job_logging("encode", str(tmp_path), "r1", verbose=False)
     try:
         assert path is not None and not path.exists()  # created once the job starts real work
         assert "logs:" not in capsys.readouterr().err
@@ -146,7 +146,7 @@ def test_quiet_logging_sends_ray_data_to_the_file_not_the_console(ray_local, tmp
         logging.getLogger("reasonembed.test").info("a reasonembed info record")
         logging.getLogger("vllm.engine").warning("a vllm warning")
     finally:
-        runtime.reset_job_logging()
+        job_logging.reset_job_logging()
     console = capsys.readouterr()
     text = path.read_text()
     assert "a ray.data info record" in text and "Starting execution of Dataset" in text
@@ -155,16 +155,16 @@ def test_quiet_logging_sends_ray_data_to_the_file_not_the_console(ray_local, tmp
         assert noise not in console.out and noise not in console.err
     # reset: Ray Data's own console handler is back
     assert any(type(h).__name__ == "PlainRayHandler" for h in logging.getLogger("ray.data").handlers)
-    assert runtime.log_file() is None
+    assert job_logging.log_file() is None
 
 
 def test_verbose_sets_up_no_file(tmp_path, monkeypatch):
-    monkeypatch.setenv(runtime.VERBOSE_ENV, "1")
-    assert runtime.is_verbose() and runtime.is_verbose(True)
-    assert runtime.setup_job_logging("encode", str(tmp_path), "r1") is None
-    assert runtime.log_file() is None and not (tmp_path / "r1").exists()
-    monkeypatch.setenv(runtime.VERBOSE_ENV, "0")
-    assert not runtime.is_verbose() and not runtime.is_verbose(None)
+    monkeypatch.setenv(job_logging.VERBOSE_ENV, "1")
+    assert job_logging.is_verbose() and job_logging.is_verbose(True)
+    assert job_logging.setup_job_logging("encode", str(tmp_path), "r1") is None
+    assert job_logging.log_file() is None and not (tmp_path / "r1").exists()
+    monkeypatch.setenv(job_logging.VERBOSE_ENV, "0")
+    assert not job_logging.is_verbose() and not job_logging.is_verbose(None)
 
 
 def test_faiss_import_logs_no_failed_avx2_load():

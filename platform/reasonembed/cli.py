@@ -19,13 +19,8 @@ from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
 from reasonembed.config import ConfigError, default_config_path, job_config_class, load_job_config
-from reasonembed.runtime import (
-    apply_env_defaults,
-    open_log_file,
-    reset_job_logging,
-    setup_job_logging,
-    setup_logging,
-)
+from reasonembed.job_logging import open_log_file, reset_job_logging, setup_job_logging
+from reasonembed.runtime import apply_env_defaults, setup_logging
 
 # verb -> library entry "module:function" taking the validated config.
 ENTRIES = {

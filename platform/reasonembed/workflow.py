@@ -185,8 +185,8 @@ def run(out: str = "runs", run_id: str = "demo", generator: str | None = None, d
     from concurrent.futures import ThreadPoolExecutor
 
     from reasonembed.config.submit import SubmitOptions
+    from reasonembed.job_logging import is_verbose, open_log_file, reset_job_logging, setup_job_logging
     from reasonembed.local_head import LocalHead
-    from reasonembed.runtime import is_verbose, open_log_file, reset_job_logging, setup_job_logging
     from reasonembed.submit import SubmitError, submit
 
     repo = repo or Path(__file__).resolve().parents[2]
