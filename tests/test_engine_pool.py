@@ -1,5 +1,7 @@
 """Shared vLLM engines (reasonembed.llm.engine_pool): which configs share an engine, and one real engine serving two
-pipelines with the same rows as a pipeline-local engine."""
+pipelines. That a shared engine writes the same texts as a pipeline-local one is checked end to end by
+tests/test_remixer_pipeline.py (its killed first run uses per-stage engines, its resumed run a shared one, and every
+stage's rows must equal an uninterrupted run's)."""
 
 from __future__ import annotations
 
@@ -72,7 +74,3 @@ def test_one_engine_serves_two_pipelines_with_the_same_rows(ray_local):
     for text in ok_a["generated_text"].to_pylist():  # a real instruction model: English words, not token soup
         words = re.findall(r"[A-Za-z]+", text)
         assert len(words) >= 3 and sum(len(w) for w in words) >= 0.6 * len(text.replace(" ", "")), text
-    # The same rows through a pipeline-local engine (ray.data.llm's own actor pool) give the same texts.
-    alone, _ = generate_tables(rows_a, gen, lambda r: r["text"])
-    shared = dict(zip(ok_a["id"].to_pylist(), ok_a["generated_text"].to_pylist(), strict=True))
-    assert dict(zip(alone["id"].to_pylist(), alone["generated_text"].to_pylist(), strict=True)) == shared

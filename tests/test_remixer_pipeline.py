@@ -243,7 +243,10 @@ def test_killed_driver_and_actor_then_resumed_equals_uninterrupted(reference_run
     ref_out, ref = reference_run
     out = tmp_path / "killed"
     # First fault: SIGKILL the driver (and so its whole local cluster) when generate commits its first shard.
-    first = run_pipeline(out, tiny_data, [], kill_when="local-tiny/synthesize/generate/part-*.parquet")
+    # This first run uses per-stage engines (ray.data.llm's own actor pools) and the resumed run the shared engine,
+    # so the equality checks below also show that both paths write the same texts.
+    first = run_pipeline(out, tiny_data, ["share_engines=false"],
+                         kill_when="local-tiny/synthesize/generate/part-*.parquet")
     assert first["killed_with"] and first["summary"] is None
     syn = out / "local-tiny" / "synthesize"
     # killed inside the stage: the generate stage has parts but no manifest yet
@@ -277,8 +280,8 @@ def test_free_text_annotation_errors_are_rows(reference_run, tiny_data, tmp_path
     ref_out, _ = reference_run
     out = tmp_path / "free"
     shutil.copytree(ref_out / "local-tiny", out / "local-tiny")
-    res = run_pipeline(out, tiny_data, ["annotator.structured_output=null",
-                             "annotator.max_model_len=1024", "overwrite=true"])
+    res = run_pipeline(out, tiny_data, ["annotator.structured_output=null",  # per-stage engine path too
+                             "annotator.max_model_len=1024", "overwrite=true", "share_engines=false"])
     s = res["summary"]
     assert {"prepare", "generate", "reason", "mine"} <= set(s["skipped_stages"])
     assert "annotate" not in s["skipped_stages"]
