@@ -90,16 +90,17 @@ def main() -> None:
     }
     fmt = json.loads((root / "synthesize" / "format" / "_manifest.json").read_text())
     ann = json.loads((root / "synthesize" / "annotate" / "_manifest.json").read_text())
+    steps = json.loads((root / "train" / "_manifest.json").read_text())["extra"]["steps"]
     base, trained = ndcg(root / "eval-base"), ndcg(root / "eval-trained")
     print(f"\nloop: {a.generator} generator + annotator, {a.sources} sources, {limit}-document pool, "
-          f"{a.steps} training steps")
+          f"{steps} training steps run (max {a.steps}; 2 workers x 2 queries per step, one epoch)")
     print(f"samples (queries with a positive and a negative): {fmt['rows_out']} of {fmt['rows_in']} queries; "
           f"annotation scores {ann['extra'].get('score_histogram')}")
     print(f"SciFact test nDCG@10: base all-MiniLM-L6-v2 {base:.4f}, trained {trained:.4f} "
           f"(difference {trained - base:+.4f})")
     print("wall s: " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()) + f"; total {sum(times.values()):.0f}")
     (root / "loop.json").write_text(json.dumps({"generator": a.generator, "sources": a.sources, "pool": limit,
-                                                "steps": a.steps, "samples": fmt["rows_out"], "ndcg_at_10_base": base,
+                                                "max_steps": a.steps, "steps": steps, "samples": fmt["rows_out"], "ndcg_at_10_base": base,
                                                 "ndcg_at_10_trained": trained, "wall_s": times}, indent=2))
 
 
