@@ -20,7 +20,7 @@ from reasonembed.config.synthesize import AnnotateConfig, DomainProfileConfig, F
 _DOMAIN_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
-def _tiny_annotator() -> LLMEngineConfig:
+def _preset_annotator() -> LLMEngineConfig:
     # The annotator block of configs/synthesize/local-tiny.yaml: SmolLM2-135M, paper sampling, <= 96 tokens, one
     # guided sentence of reasoning before the score tag.
     return LLMEngineConfig(
@@ -57,7 +57,7 @@ class AuditJobConfig(JobConfig):
         "built-in or generic profile unchanged)."
     )
     annotator: LLMEngineConfig = Field(
-        default_factory=_tiny_annotator, description="The relevance annotator under audit (engine, sampling, "
+        default_factory=_preset_annotator, description="The relevance annotator under audit (engine, sampling, "
         "structured output). (--model)"
     )
     annotate: AnnotateConfig = Field(

@@ -1,4 +1,4 @@
-"""Redapter: training embedding models with RI-InfoNCE (ReasonEmbed, arXiv 2510.08252, SPEC.md section 2).
+"""Redapter: training embedding models with RI-InfoNCE (ReasonEmbed, arXiv 2510.08252, docs/training.md).
 
 - ``loss``: ``RIInfoNCELoss`` and ``LossConfig`` (InfoNCE weighted by reasoning intensity, cross-device negatives);
 - ``gather``: the collectives behind cross-device negatives;

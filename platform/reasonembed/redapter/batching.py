@@ -1,4 +1,4 @@
-"""Groups and domain batches for Redapter training (SPEC.md section 2; the paper's ``same_dataset_within_batch``).
+"""Groups and domain batches for Redapter training (docs/training.md; the paper's ``same_dataset_within_batch``).
 
 Schedule (identical on every rank, because it depends only on the data, the seed and the epoch):
 

@@ -10,7 +10,7 @@ Gradient accumulation: each accumulated global batch keeps its own loss (own sof
 by the accumulation count and skips the gradient all-reduce (``no_sync``) until the last one, DeepSpeed does both
 itself (``gradient_accumulation_steps``). The DeepSpeed optimizer is ``torch.optim.AdamW`` (``torch_adam`` inside
 ``optimizer.params``; at the top level DeepSpeed ignores it and JIT-compiles FusedAdam for minutes on CPU,
-FIELD-NOTES.md).
+docs/training.md).
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ What the folder records, so that sentence-transformers embeds exactly like the p
   ``[tokens…, EOS]`` the platform builds (Qwen3-Embedding ships its tokenizer the same way);
 - ``config_sentence_transformers.json`` with ``prompts = {"query": "Instruct: {task}\\nQuery: ", "document": ""}``
   (plus one prompt per training domain), so ``model.encode(q, prompt_name="query")`` formats queries as
-  ``Instruct: {task}\\nQuery: {q}`` (SPEC.md section 2) and documents get no instruction;
+  ``Instruct: {task}\\nQuery: {q}`` (docs/training.md) and documents get no instruction;
 - ``reasonembed.json``: base model, pooling, query format, training run and step.
 
 Usage::

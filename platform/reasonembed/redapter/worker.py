@@ -1,4 +1,4 @@
-"""The per-worker training loop of Redapter (SPEC.md section 2): batches -> bi-encoder -> RI-InfoNCE -> step.
+"""The per-worker training loop of Redapter (docs/training.md): batches -> bi-encoder -> RI-InfoNCE -> step.
 
 One optimizer step, on every rank r of W:
 
