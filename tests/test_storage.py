@@ -50,3 +50,45 @@ def test_s3_errors_are_clear(s3_server):
     dead = StorageConfig(s3_endpoint="http://127.0.0.1:9")  # nothing listens on the discard port
     with pytest.raises(StorageError, match="cannot reach S3"):
         open_run("s3://reasonembed/x", "r", dead)
+
+
+def test_changed_inputs_refuse_resume_and_reuse(tmp_path):
+    """Issue 13 item 2: a stage keyed on config alone silently reused stale rows; now its inputs are fingerprinted."""
+    from reasonembed.input_fingerprint import files_fingerprint
+    from reasonembed.storage import InputsChangedError, open_run
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text('{"_id": "a", "text": "one"}\n')
+    stage = open_run(tmp_path / "runs", "r").stage("s")
+    inputs = files_fingerprint([str(corpus)])
+    stage.begin("h1", inputs=inputs)
+    stage.write_part(pa.table({"x": [1]}), 0)
+    # A partial stage resumes under the same inputs ...
+    stage.begin("h1", inputs=inputs)
+    assert stage.has_shard(0)
+    corpus.write_text('{"_id": "a", "text": "two, edited"}\n')
+    changed = files_fingerprint([str(corpus)])
+    # ... and refuses other inputs, naming the file.
+    with pytest.raises(InputsChangedError, match="changed: .*corpus.jsonl"):
+        stage.begin("h1", inputs=changed)
+    stage.begin("h1", inputs=inputs)
+    stage.write_manifest(config_hash="h1", rows_out=1)
+    assert stage.is_done("h1", inputs)
+    with pytest.raises(InputsChangedError, match="corpus.jsonl"):
+        stage.is_done("h1", changed)
+    # overwrite: not done, and begin discards the stale parts.
+    assert not stage.is_done("h1", changed, overwrite=True)
+    stage.begin("h1", overwrite=True, inputs=changed)
+    assert not stage.has_shard(0)
+
+
+def test_empty_error_table_removes_stale_error_file(tmp_path):
+    """Issue 13 item 3: a shard redone without errors must not keep an interrupted attempt's error rows."""
+    from reasonembed.storage import open_run
+
+    stage = open_run(tmp_path / "runs", "r").stage("s")
+    stage.begin("h")
+    stage.write_errors(pa.table({"id": ["a"], "reason": ["engine_error"]}), 3)
+    assert stage.read_errors().num_rows == 1
+    stage.write_errors(pa.table({"id": pa.array([], pa.string()), "reason": pa.array([], pa.string())}), 3)
+    assert stage.read_errors().num_rows == 0

@@ -8,11 +8,14 @@ Commit protocol (why re-runs never duplicate rows):
 - a shard is done iff its part file exists, so a killed job resumes by skipping done shards;
 - a stage is done iff ``_manifest.json`` exists with ``status == "complete"`` and the same config hash.
 A stage records the config hash it was started with (``_stage.json``); resuming it under another config is refused
-rather than mixing rows of two configs.
+rather than mixing rows of two configs. It also records fingerprints of its inputs (data files, models, upstream
+stages; see ``reasonembed.input_fingerprint``): a complete stage is reused, and a partial one resumed, only when they
+are unchanged; otherwise the run is refused with the list of what changed (``overwrite`` redoes the stage).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import posixpath
@@ -61,6 +64,7 @@ class Manifest(BaseModel):
     wall_s: float = Field(0.0, description="Wall time of the run that completed the stage, seconds.")
     started_at: str = Field("", description="UTC start time (ISO 8601).")
     finished_at: str = Field(default_factory=lambda: utc_now(), description="UTC finish time (ISO 8601).")
+    inputs: dict[str, str] = Field(default_factory=dict, description="Fingerprints of what the stage read.")
     extra: dict[str, Any] = Field(default_factory=dict, description="Stage-specific figures.")
 
 
@@ -231,6 +235,10 @@ class StageConflictError(StorageError):
     """A stage folder holds parts written under a different config."""
 
 
+class InputsChangedError(StageConflictError):
+    """A stage folder holds parts made from inputs that have changed since (a different corpus, model or upstream)."""
+
+
 class StageDir(Location):
     """``<run>/<stage>/``: part files, error table, manifest, resume bookkeeping."""
 
@@ -239,12 +247,19 @@ class StageDir(Location):
         self.stage = stage
         self._t0 = time.time()
         self._started = utc_now()
+        self.inputs: dict[str, str] = {}
 
     # -- lifecycle ------------------------------------------------------------------------------------------
-    def begin(self, config_hash: str, overwrite: bool = False) -> None:
-        """Claim the stage for ``config_hash``; refuse to mix in parts written under another config."""
+    def begin(self, config_hash: str, overwrite: bool = False, inputs: dict[str, str] | None = None) -> None:
+        """Claim the stage for ``config_hash`` made from ``inputs``; refuse to mix in parts written under another
+        config or from other inputs (``overwrite`` discards them instead)."""
+        from reasonembed.input_fingerprint import describe_changes
+
+        self.inputs = dict(inputs or {})
         if self.exists(STAGE_MARKER):
-            previous = self.read_json(STAGE_MARKER).get("config_hash")
+            marker = self.read_json(STAGE_MARKER)
+            previous = marker.get("config_hash")
+            changes = describe_changes(marker.get("inputs", {}), self.inputs) if inputs is not None else []
             if previous != config_hash:
                 if not overwrite:
                     raise StageConflictError(
@@ -252,14 +267,47 @@ class StageDir(Location):
                         "or set overwrite=true to discard it"
                     )
                 self.delete()
+            elif changes:
+                if not overwrite:
+                    raise InputsChangedError(
+                        f"{self.uri} was made from other inputs; {'; '.join(changes)}. Use another run_id, or "
+                        "overwrite=true (--overwrite) to redo the stage"
+                    )
+                self.delete()
         self.makedirs()
         if not self.exists(STAGE_MARKER):
-            self.write_json(STAGE_MARKER, {"config_hash": config_hash, "started_at": self._started})
+            self.write_json(STAGE_MARKER, {"config_hash": config_hash, "started_at": self._started,
+                                           "inputs": self.inputs})
         self._t0, self._started = time.time(), utc_now()
 
-    def is_done(self, config_hash: str) -> bool:
+    def is_done(self, config_hash: str, inputs: dict[str, str] | None = None, overwrite: bool = False) -> bool:
+        """True when the stage is complete under ``config_hash`` and (when given) the same ``inputs``.
+
+        A complete stage whose inputs changed raises :class:`InputsChangedError` naming the changes, rather than
+        being reused with stale rows; with ``overwrite`` it is reported not done, and :meth:`begin` redoes it.
+        """
+        from reasonembed.input_fingerprint import describe_changes
+
         m = self.read_manifest()
-        return m is not None and m.status == "complete" and m.config_hash == config_hash
+        if m is None or m.status != "complete" or m.config_hash != config_hash:
+            return False
+        changes = describe_changes(m.inputs, inputs) if inputs is not None else []
+        if changes:
+            if overwrite:
+                return False
+            raise InputsChangedError(
+                f"{self.uri} is complete but was made from other inputs; {'; '.join(changes)}. Use another run_id, "
+                "or overwrite=true (--overwrite) to redo the stage"
+            )
+        return True
+
+    def output_fingerprint(self) -> str:
+        """Identity of this stage's finished output, for the stages that read it: changes whenever it is redone."""
+        m = self.read_manifest()
+        if m is None:
+            raise StorageError(f"{self.uri} has no manifest: the stage is not complete")
+        blob = json.dumps([m.config_hash, m.inputs, m.rows_out, m.rows_error, m.finished_at], sort_keys=True)
+        return "stage:" + hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     # -- parts ----------------------------------------------------------------------------------------------
     @staticmethod
@@ -287,10 +335,12 @@ class StageDir(Location):
 
     # -- errors ---------------------------------------------------------------------------------------------
     def write_errors(self, table: pa.Table, shard: int | str) -> str | None:
-        """Error rows of one shard (nothing written for an empty table)."""
-        if table.num_rows == 0:
-            return None
+        """Error rows of one shard. An empty table removes the shard's error file, so a shard redone without
+        errors never keeps the error rows of an earlier, interrupted attempt (rows_out + rows_error == rows_in)."""
         name = posixpath.join("errors", self.part_name(shard))
+        if table.num_rows == 0:
+            self.delete(name)
+            return None
         self.write_table(name, table)
         return self.child(name)
 
@@ -312,6 +362,7 @@ class StageDir(Location):
             fields.setdefault("wall_s", round(time.time() - self._t0, 3))
             fields.setdefault("started_at", self._started)
             fields.setdefault("shards", len(self.parts()))
+            fields.setdefault("inputs", getattr(self, "inputs", {}))
             manifest = Manifest(**fields)
         self.write_json(MANIFEST, manifest.model_dump(mode="json"))
         return manifest
