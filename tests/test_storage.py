@@ -92,3 +92,15 @@ def test_empty_error_table_removes_stale_error_file(tmp_path):
     assert stage.read_errors().num_rows == 1
     stage.write_errors(pa.table({"id": pa.array([], pa.string()), "reason": pa.array([], pa.string())}), 3)
     assert stage.read_errors().num_rows == 0
+
+
+def test_repeat_rule_tells_retries_from_conflicts():
+    """Issue 13 item 5: one rule for both paths: identical repeats are retries, same id + other input is a conflict."""
+    from reasonembed.repeats import content_key, split_repeats
+
+    ids = ["a", "b", "a", "c", "c", "a"]
+    keys = [content_key(t) for t in ["x", "y", "x", "p", "q", "x"]]
+    keep, repeats, conflicts = split_repeats(ids, keys)
+    assert keep == [0, 1]
+    assert repeats == [2, 5]
+    assert conflicts == [3, 4]
