@@ -217,7 +217,10 @@ def test_check_resources_against_the_shipped_specs():
 
 def test_check_resources_reads_ray_start_flags_of_a_local_spec(tmp_path):
     spec = yaml.safe_load(LOCAL.read_text())
+    with pytest.raises(ResourceMismatch, match="gpu_infer"):
+        check_resources(STAGES, spec)  # as shipped, local.yaml advertises no role resources
     spec["head_start_ray_commands"][0] += """ --resources='{"gpu_infer": 8, "gpu_train": 8}'"""
+    assert unsatisfiable(STAGES, spec) == []  # the flag's resources are read: every request now fits
     check_resources(STAGES, spec)
 
 
