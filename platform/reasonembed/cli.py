@@ -17,6 +17,7 @@ import runpy
 import sys
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
+from typing import Any
 
 from reasonembed.config import ConfigError, default_config_path, job_config_class, load_job_config
 from reasonembed.job_logging import open_log_file, reset_job_logging, setup_job_logging
@@ -53,6 +54,9 @@ def parse_job_args(verb: str, argv: list[str]) -> tuple[Path, list[str], argpars
     parser.add_argument("--config", type=Path, default=None, help=f"YAML config (default configs/{verb}/local-tiny.yaml)")
     for flag, field in flags.items():
         parser.add_argument(f"--{flag.replace('_', '-')}", dest=flag, default=None, help=f"sets {field}")
+    parser.add_argument("--data-dir", dest="data_dir", default=None,
+                        help="the shared data folder that '{data_dir}' in a config means (sets REASONEMBED_DATA_DIR; "
+                        "default ../shared/data). Give it as an absolute path on a `ray job submit` line")
     parser.add_argument("--verbose", action="store_true",
                         help="stream Ray's, Ray Data's and vLLM's logs to the console (default: to a log file under "
                         "<out>/<run_id>/logs/, path printed; also REASONEMBED_VERBOSE=1)")
@@ -67,6 +71,20 @@ def parse_job_args(verb: str, argv: list[str]) -> tuple[Path, list[str], argpars
         if value is not None:
             overrides.append(f"{field}={json.dumps(value) if _needs_quoting(value) else value}")
     return path, overrides, ns
+
+
+def prepare_job(verb: str, argv: list[str]) -> tuple[Any, argparse.Namespace]:
+    """Parse ``argv``, validate the config and check every input path (reasonembed.job_paths): (the job's config, the
+    parsed flags), or a ConfigError before anything is written. ``--data-dir`` is exported as REASONEMBED_DATA_DIR (absolute), so
+    '{data_dir}' means the same folder in this process and in the Ray workers it starts."""
+    from reasonembed.job_paths import check_input_paths
+
+    path, overrides, ns = parse_job_args(verb, argv)
+    if ns.data_dir:
+        os.environ["REASONEMBED_DATA_DIR"] = str(Path(ns.data_dir).expanduser().absolute())
+    cfg = load_job_config(verb, path, overrides)
+    check_input_paths(verb, cfg)
+    return cfg, ns
 
 
 def _needs_quoting(value: str) -> bool:
@@ -94,8 +112,7 @@ def run_job(verb: str, argv: list[str]) -> int:
             return EXIT_UNAVAILABLE
         return int(runpy.run_path(str(launcher))["main"](argv) or 0)
     try:
-        path, overrides, ns = parse_job_args(verb, argv)
-        cfg = load_job_config(verb, path, overrides)
+        cfg, ns = prepare_job(verb, argv)
     except ModuleNotFoundError as exc:
         print(f"reasonembed {verb}: not available in this version ({exc.name} missing)", file=sys.stderr)
         return EXIT_UNAVAILABLE
