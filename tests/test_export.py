@@ -95,3 +95,28 @@ def test_export_to_s3(s3_server, tmp_path, minilm_path):
     pafs.copy_files(path, str(local), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
     st = SentenceTransformer(str(local), device="cpu")
     np.testing.assert_allclose(st.encode(DOCS), base.encode(DOCS), atol=1e-5)
+
+
+def test_truncated_inputs_match_sentence_transformers(tmp_path, tiny_qwen3_path):
+    """Inputs longer than max length: the exported tokenizer appends EOS itself and keeps it when it truncates, so the
+    Embedder must cut at max_length like sentence-transformers (not one token earlier), and both must equal the ids
+    the training-time Embedder (base tokenizer, EOS appended by us) built for the same text."""
+    from sentence_transformers import SentenceTransformer
+
+    base = Embedder(EmbedderConfig(model="tiny-qwen3", device="cpu", max_length=16))
+    out = tmp_path / "model"
+    export_model(base.model, base.tokenizer, str(out), pooling="last_token", normalize=True, max_length=16,
+                 append_eos=True, prompts=st_prompts(base.cfg.query_format, INSTRUCTION))
+    st = SentenceTransformer(str(out), device="cpu")
+    reloaded = Embedder(EmbedderConfig(model=str(out), device="cpu", query_instruction=INSTRUCTION))
+    assert reloaded.max_length == 16 and reloaded.tokenizer_appends_eos and not base.tokenizer_appends_eos
+    texts = DOCS + QUERIES  # two documents and both queries are longer than 16 tokens
+    ids, flags = reloaded.token_ids_with_flags(texts)
+    assert sum(flags) >= 3 and all(len(x) <= 16 for x in ids)
+    feats = st.preprocess(texts)
+    st_ids = [row[mask.bool()].tolist() for row, mask in zip(feats["input_ids"], feats["attention_mask"], strict=True)]
+    assert ids == st_ids
+    assert base.token_ids_with_flags(texts) == (ids, flags), "training-time and exported ids differ"
+    np.testing.assert_allclose(st.encode(texts), reloaded.encode(texts), atol=1e-5)
+    np.testing.assert_allclose(st.encode(QUERIES, prompt_name="query"), reloaded.encode(QUERIES, is_query=True),
+                               atol=1e-5)

@@ -62,9 +62,10 @@ def assert_st_matches_embedder(folder: str, instruction: str) -> None:
     st = SentenceTransformer(folder, device="cpu")
     assert st.prompts["query"] == f"Instruct: {instruction}\nQuery: " and st.prompts["document"] == ""
     emb = Embedder(EmbedderConfig(model=folder, device="cpu", query_instruction=instruction))
-    # Inputs within max_length: for cut inputs the Embedder keeps one token less than sentence-transformers when the
-    # tokenizer itself appends EOS (reported to the Embedder's owner).
-    assert not any(emb.token_ids_with_flags(emb.format_queries(queries) + docs)[1])
+    # One document is longer than max_length: cut inputs must match too (tests/test_export.py covers the
+    # tokenizer-appended EOS of decoder exports in detail).
+    docs.append(" ".join(["The ceviche course ran long, so we stayed in Cusco for another week."] * 20))
+    assert emb.token_ids_with_flags(docs)[1][-1], "the long document is not truncated"
     np.testing.assert_allclose(st.encode(queries, prompt_name="query"), emb.encode(queries, is_query=True), atol=1e-5)
     np.testing.assert_allclose(st.encode(docs), emb.encode(docs), atol=1e-5)
 

@@ -116,6 +116,7 @@ class Embedder:
         self.tokenizer.padding_side = "left" if self.pooling == "last_token" else "right"
         if self.append_eos and self.tokenizer.eos_token_id is None:
             raise ValueError(f"model {cfg.model!r} has no EOS token but append_eos is on")
+        self.tokenizer_appends_eos = self.append_eos and self._tokenizer_appends_eos()
         if model is None:
             kwargs = {"dtype": self.dtype}
             family = getattr(self._hf_config(path), "model_type", "")
@@ -139,6 +140,17 @@ class Embedder:
                              f"device={self.device}, dtype={self.dtype}")
         graph = ensure_onnx(path, precision="int8" if self.cfg.backend == "onnx-int8" else "fp32")
         return OnnxEncoder(graph, num_threads=self.cfg.num_threads or torch.get_num_threads())
+
+    def _tokenizer_appends_eos(self) -> bool:
+        """Whether the tokenizer's own post-processor ends every input with EOS (exported models, Qwen3-Embedding).
+
+        Such a tokenizer keeps its EOS when it truncates, so the cut must be made at ``max_length`` (as
+        sentence-transformers does), not one token earlier to leave room for an EOS we would append ourselves.
+        """
+        eos = self.tokenizer.eos_token_id
+        with_special = self.tokenizer("a", add_special_tokens=True, verbose=False)["input_ids"]
+        plain = self.tokenizer("a", add_special_tokens=False, verbose=False)["input_ids"]
+        return bool(with_special) and with_special[-1] == eos and (not plain or plain[-1] != eos)
 
     @staticmethod
     def _hf_config(path: str):
@@ -164,9 +176,13 @@ class Embedder:
         """Token ids per text and, per text, whether it was truncated.
 
         Texts are tokenised once in full to know their true length; only the over-long ones are tokenised again
-        with truncation, so the count of cut inputs is exact.
+        with truncation, so the count of cut inputs is exact. Every input ends up at most ``max_length`` tokens,
+        EOS included: when we append the EOS, the tokenizer cuts one token earlier to leave room for it; when the
+        tokenizer appends it itself, its truncation already keeps it within ``max_length``. Either way a cut input
+        is the ``max_length - 1`` first tokens plus EOS, the same ids sentence-transformers builds from an exported
+        model (whose tokenizer appends EOS) at ``max_seq_length``.
         """
-        limit = self.max_length - (1 if self.append_eos else 0)
+        limit = self.max_length - (1 if self.append_eos and not self.tokenizer_appends_eos else 0)
         ids = self.tokenizer(list(texts), add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
         long_idx = [i for i, x in enumerate(ids) if len(x) > limit]
         if long_idx:
