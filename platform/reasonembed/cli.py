@@ -54,6 +54,12 @@ def parse_job_args(verb: str, argv: list[str]) -> tuple[Path, list[str], argpars
     parser.add_argument("--config", type=Path, default=None, help=f"YAML config (default configs/{verb}/local-tiny.yaml)")
     for flag, field in flags.items():
         parser.add_argument(f"--{flag.replace('_', '-')}", dest=flag, default=None, help=f"sets {field}")
+    # Boolean switches (a job config's SWITCHES, e.g. synthesize's --retry-errors): present means field=true.
+    switches = {f: d for f, d in getattr(cls, "SWITCHES", {}).items()
+                if f"--{f.replace('_', '-')}" not in parser._option_string_actions}
+    for flag, field in switches.items():
+        parser.add_argument(f"--{flag.replace('_', '-')}", dest=f"switch_{flag}", action="store_true",
+                            help=f"sets {field}=true")
     parser.add_argument("--data-dir", dest="data_dir", default=None,
                         help="the shared data folder that '{data_dir}' in a config means (sets REASONEMBED_DATA_DIR; "
                         "default ../shared/data). Give it as an absolute path on a `ray job submit` line")
@@ -70,6 +76,7 @@ def parse_job_args(verb: str, argv: list[str]) -> tuple[Path, list[str], argpars
         value = getattr(ns, flag)
         if value is not None:
             overrides.append(f"{field}={json.dumps(value) if _needs_quoting(value) else value}")
+    overrides += [f"{field}=true" for flag, field in switches.items() if getattr(ns, f"switch_{flag}")]
     return path, overrides, ns
 
 

@@ -208,8 +208,15 @@ class MineConfig(StrictModel):
     )
     search_top_k: int = Field(1000, ge=1, description="Hits retrieved per query from the whole domain corpus (paper: 1000).")
     keep: int = Field(100, ge=1, description="Candidates kept per query after removing the source (paper: 100).")
+    selection: Literal["reference", "skip_source"] = Field(
+        "reference",
+        description="How the `keep` candidates come out of the hits. reference (the paper's reference procedure): take "
+        "the top `keep` hits, remove the source, then fill back to `keep` with hits drawn at random (seeded by query "
+        "id) from the rest of the top `search_top_k`; skip_source: remove the source from the hits first and keep "
+        "the next best hit instead (no random draw).",
+    )
     pad_random: bool = Field(
-        True, description="Pad with random pool documents (seeded by query id) when fewer than `keep` remain."
+        True, description="Pad with random pool documents (seeded by query id) when the hits run out before `keep`."
     )
 
     @model_validator(mode="after")
@@ -282,6 +289,8 @@ def _paper_annotator() -> LLMEngineConfig:
 class SynthesizeJobConfig(JobConfig):
     """`reasonembed synthesize`: a document corpus -> ReasonEmbed training samples, resumable and exactly-once."""
 
+    # Boolean flags (no value): `--retry-errors` sets retry_errors=true.
+    SWITCHES: ClassVar[dict[str, str]] = {"retry_errors": "retry_errors", "overwrite": "overwrite"}
     FLAGS: ClassVar[dict[str, str]] = {
         "model": "generator.model",
         "generator": "generator.model",
@@ -306,7 +315,17 @@ class SynthesizeJobConfig(JobConfig):
     annotate: AnnotateConfig = Field(default_factory=AnnotateConfig, description="Stage 3 settings.")
     format: FormatConfig = Field(default_factory=FormatConfig, description="Stage 4 settings.")
     overwrite: bool = Field(
-        False, description="Discard stages started under a different config instead of refusing to mix them."
+        False, description="Redo stages started under a different config, or made from inputs that changed since "
+        "(corpus, benchmark or model files, upstream stages), instead of refusing to mix them. (--overwrite)",
+    )
+    retry_errors: bool = Field(
+        False,
+        description="Re-send the error rows (engine errors, unparseable outputs, ...) of the finished shards of the "
+        "LLM stages (generate, reason, annotate) whose config and inputs are unchanged: rows that now succeed move "
+        "into the parts, rows that fail again stay error rows, each exactly once; the stage manifest records "
+        "rows_retried and rows_recovered. Stages downstream of a retried stage then redo only the shards whose rows "
+        "changed (a stage changed any other way is still refused without overwrite). Sampling is seeded per row, so "
+        "a deterministic failure fails again; the domain filter's errors are not retried. (--retry-errors)",
     )
     batch_invariant: bool = Field(
         True,
