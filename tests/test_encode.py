@@ -17,6 +17,7 @@ import pytest
 from reasonembed.config.encode import EncodeJobConfig
 from reasonembed.index import encode
 from reasonembed.index.faiss_index import IndexMismatchError, IndexSpec, SearchIndex
+from reasonembed.repeats import CONFLICTING_ID
 from reasonembed.storage import open_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,7 +25,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def dirty_corpus(tmp_path_factory, mini_scifact) -> Path:
-    """mini SciFact plus the bad rows a real corpus has: empty text, non-text, a malformed line, a duplicate id."""
+    """mini SciFact plus the bad rows a real corpus has: empty text, non-text, a malformed line, an id given twice
+    with different texts (a conflict: both rows are errors)."""
     folder = tmp_path_factory.mktemp("dirty")
     lines = (mini_scifact / "corpus.jsonl").read_text().splitlines()[:120]
     first_id = json.loads(lines[0])["id"]
@@ -50,12 +52,13 @@ def test_encode_writes_parts_errors_manifest_index(encoded, dirty_corpus, minilm
     out, summary = encoded
     stage = open_run(str(out), "t").stage("encode")
     ids, x = encode.load_embeddings(stage)
-    assert len(ids) == len(set(ids)) == 120 and summary.rows == 120
+    assert len(ids) == len(set(ids)) == 119 and summary.rows == 119
     errors = stage.read_errors().to_pylist()
     reasons = sorted(e["reason"].split(" (")[0] for e in errors)
-    assert reasons == ["duplicate id", "empty text", "malformed JSON line", "non-text 'text'"]
+    assert reasons == sorted([CONFLICTING_ID, CONFLICTING_ID, "empty text", "malformed JSON line", "non-text 'text'"])
     m = stage.read_manifest()
-    assert m.rows_out == 120 and m.rows_error == 4 and m.extra["tokens"] > 0 and m.extra["truncated"] > 0
+    assert m.rows_in == 124 and m.rows_out == 119 and m.rows_error == 5
+    assert m.extra["tokens"] > 0 and m.extra["truncated"] > 0
     assert pq.read_schema(stage._p(stage.parts()[0])).field("embedding").type.list_size == 384
     # same vectors as sentence-transformers
     from sentence_transformers import SentenceTransformer
@@ -68,7 +71,7 @@ def test_encode_writes_parts_errors_manifest_index(encoded, dirty_corpus, minilm
     assert np.max(np.abs((x[:16] * ref).sum(1) - 1)) < 1e-5
     # the index finds each document from its own text
     index = SearchIndex.load(summary.index_uri)
-    assert index.ntotal == 120 and index.meta["encoder"]["model_name"] == "all-MiniLM-L6-v2"
+    assert index.ntotal == 119 and index.meta["encoder"]["model_name"] == "all-MiniLM-L6-v2"
     hits = index.search(ref[:4], 3)
     assert [h[0][0] for h in hits] == sample[:4]
 
@@ -104,6 +107,36 @@ def test_config_change_is_refused_not_mixed(encoded, dirty_corpus):
         encode.run(_cfg(dirty_corpus, out, rows_per_shard=33))
 
 
+def test_stale_error_file_of_an_unfinished_shard_is_replaced(encoded, dirty_corpus):
+    """A shard redone without errors drops the error rows an interrupted attempt left: its error table is always
+    written (an empty one removes the file) before its part."""
+    import pyarrow as pa
+
+    out, _ = encoded
+    stage = open_run(str(out), "t").stage("encode")
+    with_errors = set(stage.list("errors", ".parquet"))
+    victim = next(p for p in stage.parts() if p not in with_errors)
+    shard = victim[len("part-"):-len(".parquet")]
+    os.remove(stage._p(victim))
+    if stage.exists("_manifest.json"):
+        os.remove(stage._p("_manifest.json"))
+    stage.write_errors(pa.table({"doc_id": ["ghost"], "reason": ["stale"], "text": [""]}), shard)
+    encode.run(_cfg(dirty_corpus, out))
+    m = stage.read_manifest()
+    assert m.rows_out + m.rows_error == m.rows_in == 124
+    assert not stage.exists(f"errors/{victim}") and "ghost" not in stage.read_errors().column("doc_id").to_pylist()
+
+
+def test_index_refuses_another_query_format_or_eos():
+    enc = {"model_name": "m", "pooling": "last_token", "append_eos": True, "query_format": "Q: {query}", "dim": 8}
+    index = SearchIndex.build(np.eye(4, 8, dtype=np.float32), ["a", "b", "c", "d"], meta={"encoder": enc})
+    index.check_compatible(enc)
+    with pytest.raises(IndexMismatchError, match="append_eos"):
+        index.check_compatible({**enc, "append_eos": False})
+    with pytest.raises(IndexMismatchError, match="query_format"):
+        index.check_compatible({**enc, "query_format": "Instruct: {task}\nQuery: {query}"})
+
+
 def test_index_refuses_another_model():
     x = np.eye(4, 8, dtype=np.float32)
     index = SearchIndex.build(x, ["a", "b", "c", "d"], IndexSpec(),
@@ -135,9 +168,9 @@ def test_encode_reads_and_writes_s3(ray_local, s3_server, dirty_corpus):
     s3.put_object(Bucket="reasonembed", Key="corpora/dirty/corpus.jsonl",
                   Body=(dirty_corpus / "corpus.jsonl").read_bytes())
     summary = encode.run(_cfg("s3://reasonembed/corpora/dirty", "s3://reasonembed/runs"))
-    assert summary.rows == 120 and summary.index_uri.startswith("s3://")
+    assert summary.rows == 119 and summary.index_uri.startswith("s3://")
     index = SearchIndex.load(summary.index_uri)
-    assert index.ntotal == 120
+    assert index.ntotal == 119
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket="reasonembed", Prefix="runs/t/encode/")["Contents"]]
     assert "runs/t/encode/_manifest.json" in keys and any(k.startswith("runs/t/encode/errors/") for k in keys)
 

@@ -231,26 +231,36 @@ def test_overloaded_carries_retry_after():
 
 
 # ---- search over an index folder (local and S3) -----------------------------------------------------------------
-def test_retriever_resolves_encode_output_and_reads_texts(tmp_path, s3_server):
-    import pyarrow as pa
-
+def test_retriever_resolves_encode_output_and_reads_texts(ray_local, tmp_path, s3_server):
+    """The index and its texts come from the encode job (``index.store_texts``), served from a local folder and
+    from S3."""
     from reasonembed.config.base import StorageConfig
-    from reasonembed.index.faiss_index import IndexMismatchError, SearchIndex
+    from reasonembed.config.encode import EncodeJobConfig
+    from reasonembed.index.encode import load_embeddings, run
+    from reasonembed.index.faiss_index import IndexMismatchError
     from reasonembed.serving.search import Retriever
-    from reasonembed.storage import Location
+    from reasonembed.storage import Location, open_run
 
-    x = np.eye(4, dtype=np.float32)
-    index = SearchIndex.build(x, ["a", "b", "c", "d"], meta={"encoder": {"model_name": "m", "dim": 4}})
-    for uri in (str(tmp_path / "encode" / "index"), "s3://reasonembed/serve-test/encode/index"):
-        index.save(uri, StorageConfig())
-        Location(uri).write_table("texts.parquet", pa.table({"doc_id": ["a", "b", "c", "d"],
-                                                             "text": ["A", "B", "C", "D"]}))
-        r = Retriever.load(uri.rsplit("/index", 1)[0])
-        hits = r.search(np.array([[0.1, 0.9, 0, 0]], np.float32), 2, [["b"]], with_text=True)
-        assert [(h.doc_id, h.text) for h in hits[0]] == [("a", "A")]
-        r.check_compatible({"model_name": "m", "dim": 4})
+    docs = {"a": "Tides are caused by the moon.", "b": "The moon pulls the oceans, which makes tides.",
+            "c": "Mitochondria make ATP.", "d": "A cat sat on the mat."}
+    (tmp_path / "corpus.jsonl").write_text("".join(json.dumps({"id": k, "text": v}) + "\n" for k, v in docs.items()))
+    summary = run(EncodeJobConfig(run_id="t", out=str(tmp_path / "runs"), data={"path": str(tmp_path / "corpus.jsonl")},
+                                  index={"store_texts": True}))
+    stage = open_run(str(tmp_path / "runs"), "t").stage("encode")
+    ids, x = load_embeddings(stage)
+    local = Location(summary.index_uri)
+    s3_index = Location("s3://reasonembed/serve-test/encode/index", StorageConfig())
+    for name in local.list():
+        s3_index.write_bytes(name, local.read_bytes(name))
+    for uri in (stage.uri, "s3://reasonembed/serve-test/encode"):
+        r = Retriever.load(uri)
+        assert r.texts == docs  # every row's text, as encoded
+        hits = r.search(x[[ids.index("a")]], 2, [["b"]], with_text=True)
+        assert (hits[0][0].doc_id, hits[0][0].text) == ("a", docs["a"]) and "b" not in [h.doc_id for h in hits[0]]
+        encoder = r.index.meta["encoder"]
+        r.check_compatible(encoder)
         with pytest.raises(IndexMismatchError):
-            r.check_compatible({"model_name": "other", "dim": 4})
+            r.check_compatible({**encoder, "model_name": "other"})
     with pytest.raises(FileNotFoundError, match="encode output"):
         Retriever.load(str(tmp_path))
 

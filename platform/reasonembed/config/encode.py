@@ -73,7 +73,10 @@ class IndexConfig(StrictModel):
     ivf_nprobe: int = Field(32, ge=1, description="IVF lists probed per query.")
     hnsw_m: int = Field(32, ge=4, description="HNSW graph degree.")
     hnsw_ef_search: int = Field(128, ge=1, description="HNSW search breadth.")
-    store_texts: bool = Field(False, description="Keep doc texts next to the index (for search APIs that return text).")
+    store_texts: bool = Field(
+        False, description="Keep doc texts next to the index (index/texts.parquet: doc_id, text), so the search API "
+        "can return them (return_text). Each shard's texts are kept under texts/ until the index is built."
+    )
 
 
 class EncodeJobConfig(JobConfig):
@@ -86,4 +89,7 @@ class EncodeJobConfig(JobConfig):
     engine: EncodeEngineConfig = Field(default_factory=EncodeEngineConfig, description="Ray Data engine settings.")
     index: IndexConfig = Field(default_factory=IndexConfig, description="FAISS index settings.")
     stage: str = Field("encode", description="Stage folder name under the run directory.")
-    overwrite: bool = Field(False, description="Discard an existing stage started under a different config.")
+    overwrite: bool = Field(
+        False, description="Discard an existing stage started under a different config or made from inputs that "
+        "have changed since (corpus files, model), and redo it."
+    )

@@ -2,8 +2,16 @@
 
 Resume protocol: every document has a stable shard (hash of its id). Shards are encoded in rounds; each finished
 shard is committed as one atomic part file (``part-<shard>.parquet``, plus ``errors/part-<shard>.parquet`` for its
-bad rows, written first). A re-run skips shards whose part exists, so a killed job neither re-encodes finished work
-nor duplicates rows. The manifest and the index are written last.
+bad rows and, with ``index.store_texts``, ``texts/part-<shard>.parquet``, both written first). A re-run skips shards
+whose part exists, so a killed job neither re-encodes finished work nor duplicates rows. The manifest and the index
+(with ``texts.parquet`` next to it when texts are stored) are written last.
+
+A finished stage is reused, and a partial one resumed, only under the same config hash *and* the same inputs: the
+corpus files and the model are fingerprinted (``reasonembed.input_fingerprint``), so a corpus edited in place or a
+model retrained into the same folder is refused rather than mixed with stale embeddings (``overwrite`` redoes it).
+
+A row seen twice under one id is settled by ``reasonembed.repeats``: the same text again is a Ray task retry and is
+kept once; different texts under one id make every row of that id an error row.
 """
 
 from __future__ import annotations
@@ -19,16 +27,20 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from reasonembed import progress
 from reasonembed.config.base import StorageConfig
 from reasonembed.config.embedder import EmbedderConfig
 from reasonembed.config.encode import EncodeEngineConfig, EncodeJobConfig, IndexConfig
-from reasonembed.index.faiss_index import IndexSpec, SearchIndex
-from reasonembed.storage import StageDir
+from reasonembed.index.faiss_index import TEXTS, IndexSpec, SearchIndex
+from reasonembed.repeats import CONFLICTING_ID, content_key, split_repeats
+from reasonembed.storage import Location, StageDir
 
 log = logging.getLogger(__name__)
 ERROR_SCHEMA = pa.schema([("doc_id", pa.string()), ("reason", pa.string()), ("text", pa.string())])
+TEXT_SCHEMA = pa.schema([("doc_id", pa.string()), ("text", pa.string())])  # what serving.search reads
+TEXT_PARTS = "texts"  # <stage>/texts/part-<shard>.parquet: the stored texts of each committed shard
 
 
 def embedding_array(x: np.ndarray) -> pa.FixedSizeListArray:
@@ -44,7 +56,10 @@ def part_schema(dim: int) -> pa.Schema:
 
 class EmbedActor:
     """One model replica in the Ray Data actor pool. Each call gets a window of rows, sorts them by token length
-    and runs token-budget batches (``Embedder.encode_ids``), so padding stays small even in a stream."""
+    and runs token-budget batches (``Embedder.encode_ids``), so padding stays small even in a stream.
+
+    Output: every input column except ``text`` (the shard, the content key, the kept text pass through, as with
+    the Serve backend's ``ServeEmbedder``), plus ``embedding``, ``n_tokens`` and ``truncated``."""
 
     def __init__(self, embedder_cfg: EmbedderConfig):
         from reasonembed.models.embedder import Embedder
@@ -55,14 +70,10 @@ class EmbedActor:
         texts = [str(t) for t in batch["text"]]
         ids, flags = self.embedder.token_ids_with_flags(texts)
         res = self.embedder.encode_ids(ids)
-        return {
-            "doc_id": batch["doc_id"],
-            "shard": batch["shard"],
-            "embedding": res.embeddings,
-            "n_tokens": np.array([len(x) for x in ids], dtype=np.int32),
-            "truncated": np.array(flags, dtype=bool),
-        }
-
+        out = {k: v for k, v in batch.items() if k != "text"}
+        out.update(embedding=res.embeddings, n_tokens=np.array([len(x) for x in ids], dtype=np.int32),
+                   truncated=np.array(flags, dtype=bool))
+        return out
 
 @dataclass
 class EncodeSummary:
@@ -88,45 +99,126 @@ class EncodeSummary:
                 + (f", resumed past {self.shards_done_before} shards" if self.shards_done_before else ""))
 
 
-def _dedupe(rows: dict[str, list]) -> tuple[list[int], list[int]]:
-    """Indices to keep and indices that repeat an id (the first occurrence by embedding bytes order is kept,
-    so the choice does not depend on the order rows arrived in)."""
-    by_id: dict[str, list[int]] = defaultdict(list)
-    for i, d in enumerate(rows["doc_id"]):
-        by_id[d].append(i)
-    keep, dup = [], []
-    for idx in by_id.values():
-        idx = sorted(idx, key=lambda i: rows["embedding"][i].tobytes())
-        keep.append(idx[0])
-        dup.extend(idx[1:])
-    return sorted(keep, key=lambda i: rows["doc_id"][i]), dup
+def _tag_rows(batch: dict[str, np.ndarray], keys: np.ndarray) -> dict[str, np.ndarray]:
+    """The rows of a round's shards, each with a ``content_key`` (its text and input error) that tells a Ray retry
+    of a row (same key) from another row under the same id (a conflict), and its text under ``doc_text``, which
+    both engines pass through (error rows and stored texts need it after the model consumed ``text``)."""
+    mask = np.isin(batch["shard"], keys)
+    out = {k: v[mask] for k, v in batch.items()}
+    out["content_key"] = np.array([content_key(t, e) for t, e in zip(out["text"], out["error"], strict=True)],
+                                  dtype=object)
+    out["doc_text"] = np.array([str(t) for t in out["text"]], dtype=object)
+    return out
 
 
-def _commit_shard(stage: StageDir, shard: int, rows: dict[str, list], errors: list[dict], dim: int) -> None:
-    keep, dup = _dedupe(rows) if rows["doc_id"] else ([], [])
-    errors = errors + [{"doc_id": rows["doc_id"][i], "reason": "duplicate id", "text": ""} for i in dup]
-    errors.sort(key=lambda e: (e["doc_id"], e["reason"]))
-    stage.write_errors(pa.Table.from_pylist(errors, schema=ERROR_SCHEMA), shard)
-    emb = np.stack([rows["embedding"][i] for i in keep]) if keep else np.zeros((0, dim), np.float32)
+def _settle_repeats(rows: dict[str, list], errors: list[dict]) -> tuple[list[int], list[dict]]:
+    """(indices of embedded rows to keep, error rows) of one shard, by the rule of ``reasonembed.repeats``.
+
+    Embedded rows and input-error rows are settled together, so an id given once with a good text and once with an
+    empty one is a conflict too. Candidates are ordered by (id, embedding bytes) first, so which copy of a retried
+    row is kept does not depend on the order the rows arrived in.
+    """
+    n = len(rows["doc_id"])
+    ids = [str(d) for d in rows["doc_id"]] + [e["doc_id"] for e in errors]
+    keys = [str(k) for k in rows["content_key"]] + [e["content_key"] for e in errors]
+    order = sorted(range(len(ids)), key=lambda i: (ids[i], rows["embedding"][i].tobytes() if i < n else b""))
+    keep, repeats, conflicts = split_repeats([ids[i] for i in order], [keys[i] for i in order])
+    if repeats:
+        log.info("dropped %d repeated rows (same id and text: task retries or verbatim copies)", len(repeats))
+    kept_rows = sorted((order[j] for j in keep if order[j] < n), key=lambda i: ids[i])
+    out = [{k: errors[order[j] - n][k] for k in ("doc_id", "reason", "text")} for j in keep if order[j] >= n]
+    for j in conflicts:
+        i = order[j]
+        text = str(rows["doc_text"][i]) if i < n else errors[i - n]["text"]
+        out.append({"doc_id": ids[i], "reason": CONFLICTING_ID, "text": text[:500]})
+    out.sort(key=lambda e: (e["doc_id"], e["reason"], e["text"]))
+    return kept_rows, out
+
+
+def _commit_shard(stage: StageDir, shard: int, rows: dict[str, list], errors: list[dict], width: int,
+                  store_texts: bool = False) -> None:
+    """Write one shard: its error table (always, even empty, so a stale error file of an interrupted attempt goes),
+    its texts when stored, and its part file last, whose presence marks the shard done. ``width`` is the embedding
+    width used only when no row of the shard was embedded (the rows' own width wins otherwise)."""
+    keep, error_rows = _settle_repeats(rows, errors)
+    stage.write_errors(pa.Table.from_pylist(error_rows, schema=ERROR_SCHEMA), shard)
+    ids = pa.array([str(rows["doc_id"][i]) for i in keep], pa.string())
+    if store_texts:
+        texts = pa.array([str(rows["doc_text"][i]) for i in keep], pa.string())
+        stage.write_table(f"{TEXT_PARTS}/{stage.part_name(shard)}",
+                          pa.Table.from_arrays([ids, texts], schema=TEXT_SCHEMA))
+    emb = np.stack([rows["embedding"][i] for i in keep]) if keep else np.zeros((0, width), np.float32)
     table = pa.Table.from_arrays(
-        [pa.array([rows["doc_id"][i] for i in keep], pa.string()), embedding_array(emb) if keep else
-         pa.array([], pa.list_(pa.float32(), dim)),
-         pa.array([rows["n_tokens"][i] for i in keep], pa.int32()),
+        [ids, embedding_array(emb), pa.array([rows["n_tokens"][i] for i in keep], pa.int32()),
          pa.array([rows["truncated"][i] for i in keep], pa.bool_())],
-        schema=part_schema(dim),
+        schema=part_schema(emb.shape[1]),
     )
     stage.write_part(table, shard)  # last: its presence marks the shard done
 
 
+def _model_width(stage: StageDir, embedder_cfg: EmbedderConfig) -> int:
+    """Embedding width for a part with no embedded row: the width of the parts already written, else the model's
+    hidden size (read from its config, no weights loaded; ``Embedder.dim`` is that same number)."""
+    for name in stage.parts():
+        return pq.read_schema(stage._p(name), filesystem=stage.fs).field("embedding").type.list_size
+    from transformers import AutoConfig
+
+    from reasonembed.models.registry import resolve_model
+
+    return int(AutoConfig.from_pretrained(str(resolve_model(embedder_cfg.model).path)).hidden_size)
+
+
+def _embed(good, embedder_cfg: EmbedderConfig, engine: EncodeEngineConfig):
+    """The embedded dataset of ``good`` rows through the configured engine (actor pool or Serve replicas)."""
+    import ray
+
+    if engine.backend == "serve":
+        from reasonembed.serving.batch_engine import serve_encode  # optional: shares Serve replicas
+
+        return serve_encode(good, engine.serve_app, engine.window_rows)
+    return good.map_batches(
+        EmbedActor,
+        fn_constructor_kwargs={"embedder_cfg": _actor_cfg(embedder_cfg, engine)},
+        compute=ray.data.ActorPoolStrategy(size=engine.actors),
+        batch_size=engine.window_rows,
+        batch_format="numpy",
+        num_cpus=engine.num_cpus_per_actor,
+        num_gpus=engine.num_gpus_per_actor or None,
+        accelerator_type=engine.accelerator_type,
+        resources=engine.resources or None,
+    )
+
+
+_ROW_COLUMNS = ("doc_id", "embedding", "n_tokens", "truncated", "content_key", "doc_text")
+
+
+def _encode_round(sub, round_shards: set[int], embedder_cfg: EmbedderConfig, engine: EncodeEngineConfig, bar):
+    """(embedded rows per shard, input-error rows per shard) of one round's rows."""
+    errors: dict[int, list[dict]] = defaultdict(list)
+    for row in sub.filter(lambda row: row["error"] != "").iter_rows():
+        errors[int(row["shard"])].append({"doc_id": row["doc_id"], "reason": row["error"],
+                                           "text": str(row["text"])[:500], "content_key": row["content_key"]})
+    bar.update(sum(len(v) for v in errors.values()))  # error rows are done too (they go to errors/)
+    out = _embed(sub.filter(lambda row: row["error"] == ""), embedder_cfg, engine)
+    rows: dict[int, dict[str, list]] = {s: defaultdict(list) for s in round_shards}
+    for batch in out.iter_batches(batch_format="numpy", batch_size=None):
+        for i in range(len(batch["doc_id"])):
+            acc = rows[int(batch["shard"][i])]
+            for k in _ROW_COLUMNS:
+                acc[k].append(batch[k][i])
+        bar.update(len(batch["doc_id"]))
+    return rows, errors
+
+
 def encode_dataset(
-    build_ds, n_rows: int, embedder_cfg: EmbedderConfig, engine: EncodeEngineConfig, stage: StageDir, dim: int
+    build_ds, n_rows: int, embedder_cfg: EmbedderConfig, engine: EncodeEngineConfig, stage: StageDir,
+    store_texts: bool = False,
 ) -> tuple[int, float]:
     """Encode every pending shard of a normalised dataset (doc_id, text, error, shard) into ``stage``.
 
+    The parts' embedding width is the width of the embedded rows themselves (no model probe in the driver).
     Returns (shards already done before this run, seconds spent encoding).
     """
-    import ray
-
     n_shards = max(1, math.ceil(n_rows / engine.rows_per_shard))
     done = {int(s) for s in stage.done_shards()}
     pending = [s for s in range(n_shards) if s not in done]
@@ -135,51 +227,21 @@ def encode_dataset(
     # Rows of the pending shards: exact on a fresh run; on a resume, estimated from the shard count (a document's
     # shard is a hash of its id, so shards hold about the same number of rows) and corrected at the end.
     total = n_rows if not done else round(n_rows * len(pending) / n_shards)
-    name = "encode" if stage.stage == "encode" else stage.stage
     rounds = math.ceil(len(pending) / engine.shards_per_round) if pending else 0
-    with progress.step(name, total=total, unit="rows") as bar:
+    width = 0  # learnt from the first embedded row; only needed for a part with none
+    with progress.step(stage.stage, total=total, unit="rows") as bar:
         for r in range(0, len(pending), engine.shards_per_round):
             round_shards = set(pending[r:r + engine.shards_per_round])
             log.info("encoding shards %s (%d/%d pending)", sorted(round_shards), len(pending) - r, n_shards)
             bar.set_postfix(f"round {r // engine.shards_per_round + 1}/{rounds}, {len(round_shards)} shards")
-            keys = np.array(sorted(round_shards))
-
-            def in_round(batch, keys=keys):
-                mask = np.isin(batch["shard"], keys)
-                return {k: v[mask] for k, v in batch.items()}
-
-            sub = ds.map_batches(in_round, batch_format="numpy")
-            errors: dict[int, list[dict]] = defaultdict(list)
-            for row in sub.filter(lambda row: row["error"] != "").iter_rows():
-                errors[int(row["shard"])].append({"doc_id": row["doc_id"], "reason": row["error"],
-                                                   "text": str(row["text"])[:500]})
-            bar.update(sum(len(v) for v in errors.values()))  # error rows are done too (they go to errors/)
-            good = sub.filter(lambda row: row["error"] == "")
-            if engine.backend == "serve":
-                from reasonembed.serving.batch_engine import serve_encode  # optional: shares Serve replicas
-
-                out = serve_encode(good, engine.serve_app, engine.window_rows)
-            else:
-                out = good.map_batches(
-                    EmbedActor,
-                    fn_constructor_kwargs={"embedder_cfg": _actor_cfg(embedder_cfg, engine)},
-                    compute=ray.data.ActorPoolStrategy(size=engine.actors),
-                    batch_size=engine.window_rows,
-                    batch_format="numpy",
-                    num_cpus=engine.num_cpus_per_actor,
-                    num_gpus=engine.num_gpus_per_actor or None,
-                    accelerator_type=engine.accelerator_type,
-                    resources=engine.resources or None,
-                )
-            rows: dict[int, dict[str, list]] = {s: defaultdict(list) for s in round_shards}
-            for batch in out.iter_batches(batch_format="numpy", batch_size=None):
-                for i in range(len(batch["doc_id"])):
-                    acc = rows[int(batch["shard"][i])]
-                    for k in ("doc_id", "embedding", "n_tokens", "truncated"):
-                        acc[k].append(batch[k][i])
-                bar.update(len(batch["doc_id"]))
+            sub = ds.map_batches(_tag_rows, fn_kwargs={"keys": np.array(sorted(round_shards))},
+                                 batch_format="numpy")
+            rows, errors = _encode_round(sub, round_shards, embedder_cfg, engine, bar)
+            width = width or next((len(acc["embedding"][0]) for acc in rows.values() if acc["embedding"]), 0)
             for s in sorted(round_shards):
-                _commit_shard(stage, s, rows[s], errors.get(s, []), dim)
+                if not rows[s]["doc_id"] and not width:
+                    width = _model_width(stage, embedder_cfg)
+                _commit_shard(stage, s, rows[s], errors.get(s, []), width, store_texts)
         bar.set_total(bar.n)  # exact now (estimated on a resume)
     return len(done), time.time() - t0
 
@@ -205,7 +267,11 @@ def load_embeddings(stage: StageDir) -> tuple[list[str], np.ndarray]:
 
 
 def build_index(stage: StageDir, index_cfg: IndexConfig, meta: dict, storage: StorageConfig | None) -> str:
-    """Build and save the FAISS index of an encode stage under ``<stage>/index``; returns its URI."""
+    """Build and save the FAISS index of an encode stage under ``<stage>/index``; returns its URI.
+
+    With ``index_cfg.store_texts`` the index folder also gets ``texts.parquet`` (doc_id, text) of every indexed
+    document, which ``serving.search`` reads to return texts with hits; it is written before ``index.json``, whose
+    presence marks the index complete."""
     ids, x = load_embeddings(stage)
     if not ids:
         raise ValueError(f"no embeddings in {stage.uri}: every row was an error (see {stage.child('errors')})")
@@ -213,8 +279,25 @@ def build_index(stage: StageDir, index_cfg: IndexConfig, meta: dict, storage: St
                      ivf_nprobe=index_cfg.ivf_nprobe, hnsw_m=index_cfg.hnsw_m, hnsw_ef_search=index_cfg.hnsw_ef_search)
     index = SearchIndex.build(x, ids, spec, meta={**meta, "ivf_nprobe": index_cfg.ivf_nprobe})
     uri = stage.child("index")
+    folder = Location(uri, storage)
+    if index_cfg.store_texts:
+        folder.write_table(TEXTS, stored_texts(stage, ids))
+    else:
+        folder.delete(TEXTS)  # never serve texts of an earlier build
     index.save(uri, storage)
     return uri
+
+
+def stored_texts(stage: StageDir, ids: list[str]) -> pa.Table:
+    """The (doc_id, text) table of an encode stage's ``texts/`` parts; it must cover exactly the indexed ``ids``."""
+    names = stage.list(TEXT_PARTS, ".parquet")
+    tables = [stage.read_table(f"{TEXT_PARTS}/{n}") for n in names]
+    table = pa.concat_tables(tables).cast(TEXT_SCHEMA) if tables else TEXT_SCHEMA.empty_table()
+    have = table.column("doc_id").to_pylist()
+    if len(have) != len(ids) or set(have) != set(ids):
+        raise ValueError(f"{stage.uri}: stored texts cover {len(set(have) & set(ids))} of {len(ids)} indexed "
+                         f"documents; re-run with overwrite=true to redo the stage")
+    return table
 
 
 def stage_hash(cfg: EncodeJobConfig) -> str:
@@ -225,13 +308,48 @@ def stage_hash(cfg: EncodeJobConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def run(cfg: EncodeJobConfig, dataset_builder=None, n_rows: int | None = None) -> EncodeSummary:
+def stage_inputs(cfg: EncodeJobConfig, from_files: bool, inputs: dict[str, str] | None = None) -> dict[str, str]:
+    """Fingerprints of what the stage reads: the corpus files (when read from ``data.path``), the embedder model,
+    and whatever the caller names in ``inputs`` (e.g. the upstream stage of an in-memory corpus). Raises
+    FileNotFoundError for a missing corpus, so bad input is refused before any work starts."""
+    from pathlib import Path
+
+    from reasonembed.index.reader import corpus_files
+    from reasonembed.input_fingerprint import files_fingerprint, model_input
+    from reasonembed.storage import is_s3
+
+    out = dict(inputs or {})
+    if from_files:
+        files = corpus_files(cfg.data, cfg.storage)[0]
+        # Local files by absolute path, so the same corpus run from another directory is the same input.
+        out.update(files_fingerprint([f if is_s3(f) else str(Path(f).resolve()) for f in files], cfg.storage))
+    out.update(model_input(cfg.embedder.model))
+    return out
+
+
+def _stage_stats(stage: StageDir) -> dict:
+    """Row, token and error counts of a stage's committed parts and error tables."""
+    stats = stage.read_parts(columns=["n_tokens", "truncated"])
+    errors = stage.read_errors()
+    by_reason: dict[str, int] = defaultdict(int)
+    for r in errors.column("reason").to_pylist() if errors.num_rows else []:
+        by_reason[r.split(" (")[0]] += 1
+    sums = {c: int(pa.compute.sum(stats.column(c)).as_py() or 0) if stats.num_rows else 0
+            for c in ("n_tokens", "truncated")}
+    return {"rows_out": stats.num_rows, "rows_error": errors.num_rows, "errors_by_reason": dict(by_reason),
+            "tokens": sums["n_tokens"], "truncated": sums["truncated"]}
+
+
+def run(cfg: EncodeJobConfig, dataset_builder=None, n_rows: int | None = None,
+        inputs: dict[str, str] | None = None) -> EncodeSummary:
     """Library entry of `reasonembed encode` / jobs/encode.py.
 
     ``dataset_builder``/``n_rows`` let callers (evaluation, mining) encode an in-memory corpus through the same
-    path: ``dataset_builder(n_shards)`` must return a normalised Ray Dataset (doc_id, text, error, shard).
+    path: ``dataset_builder(n_shards)`` must return a normalised Ray Dataset (doc_id, text, error, shard). Such a
+    corpus has no files to fingerprint: callers name what it was made from in ``inputs`` ({name: fingerprint}),
+    so that a finished stage is not reused once that changes (default: only the model is fingerprinted).
     """
-    from reasonembed.index.reader import corpus_files, read_corpus
+    from reasonembed.index.reader import read_corpus
     from reasonembed.models.embedder import Embedder
     from reasonembed.models.registry import resolve_model
     from reasonembed.runtime import connect_ray
@@ -240,42 +358,34 @@ def run(cfg: EncodeJobConfig, dataset_builder=None, n_rows: int | None = None) -
     t0 = time.time()
     # Check every input before starting anything, so bad input costs seconds and leaves nothing behind.
     resolve_model(cfg.embedder.model)
-    if dataset_builder is None:
-        corpus_files(cfg.data, cfg.storage)
-    run_dir = open_run(cfg.out, cfg.run_id, cfg.storage)
-    stage = run_dir.stage(cfg.stage)
+    stage_in = stage_inputs(cfg, dataset_builder is None, inputs)
+    stage = open_run(cfg.out, cfg.run_id, cfg.storage).stage(cfg.stage)
     h = stage_hash(cfg)
-    if stage.is_done(h):
+    if stage.is_done(h, stage_in, overwrite=cfg.overwrite):
         m = stage.read_manifest()
-        log.info("encode stage %s already complete with this config: skipping", stage.uri)
+        log.info("encode stage %s already complete with this config and inputs: skipping", stage.uri)
         return EncodeSummary(stage.uri, m.rows_out, m.rows_error, m.extra.get("tokens", 0), m.extra.get("truncated", 0),
                              0.0, 0.0, m.shards, m.extra.get("index_uri"))
     connect_ray(cfg.ray)
     if dataset_builder is None:
         dataset_builder, n_rows = read_corpus(cfg.data, storage=cfg.storage)
-    probe = Embedder(cfg.embedder.model_copy(update={"device": "cpu"})) if cfg.index.build else None
-    describe = probe.describe() if probe else {}
-    dim = probe.dim if probe else 0
-    del probe
-    stage.begin(h, overwrite=cfg.overwrite)
-    before, encode_s = encode_dataset(dataset_builder, n_rows, cfg.embedder, cfg.engine, stage, dim)
-    stats = stage.read_parts(columns=["n_tokens", "truncated"])
-    errors = stage.read_errors()
-    tokens = int(pa.compute.sum(stats.column("n_tokens")).as_py() or 0) if stats.num_rows else 0
-    truncated = int(pa.compute.sum(stats.column("truncated")).as_py() or 0) if stats.num_rows else 0
-    by_reason: dict[str, int] = defaultdict(int)
-    for r in errors.column("reason").to_pylist() if errors.num_rows else []:
-        by_reason[r.split(" (")[0]] += 1
+    describe = {}
+    if cfg.index.build:  # the index records what a query encoder must match
+        describe = Embedder(cfg.embedder.model_copy(update={"device": "cpu"})).describe()
+    stage.begin(h, overwrite=cfg.overwrite, inputs=stage_in)
+    before, encode_s = encode_dataset(dataset_builder, n_rows, cfg.embedder, cfg.engine, stage,
+                                      cfg.index.store_texts)
+    st = _stage_stats(stage)
     index_uri = None
     if cfg.index.build:
         index_uri = build_index(stage, cfg.index, {"encoder": describe, "corpus": cfg.data.model_dump(),
-                                                   "config_hash": h, "rows": stats.num_rows}, cfg.storage)
-    summary = EncodeSummary(stage.uri, stats.num_rows, errors.num_rows, tokens, truncated, time.time() - t0,
-                            encode_s, before, index_uri)
+                                                   "config_hash": h, "rows": st["rows_out"]}, cfg.storage)
+    summary = EncodeSummary(stage.uri, st["rows_out"], st["rows_error"], st["tokens"], st["truncated"],
+                            time.time() - t0, encode_s, before, index_uri)
     stage.write_manifest(
-        config_hash=h, rows_in=n_rows or 0, rows_out=stats.num_rows, rows_error=errors.num_rows,
-        errors_by_reason=dict(by_reason),
-        extra={"tokens": tokens, "truncated": truncated, "tokens_per_s": round(summary.tokens_per_s, 1),
+        config_hash=h, rows_in=n_rows or 0, rows_out=st["rows_out"], rows_error=st["rows_error"],
+        errors_by_reason=st["errors_by_reason"],
+        extra={"tokens": st["tokens"], "truncated": st["truncated"], "tokens_per_s": round(summary.tokens_per_s, 1),
                "encode_s": round(encode_s, 2), "index_uri": index_uri, "encoder": describe},
     )
     return summary

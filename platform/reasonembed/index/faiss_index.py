@@ -5,8 +5,10 @@ for speed on large corpora. A corpus larger than ``shard_size`` is split into sh
 merged by score: exact for flat shards, and it keeps each shard's memory bounded.
 
 An index folder holds ``index.json`` (what produced it: model, pooling, instruction, dimension, corpus manifest),
-``ids.parquet`` (row -> doc_id) and ``shard-<k>.faiss``. A query encoder that does not match the recorded model or
-dimension is refused (``IndexMismatchError``), because its scores would be meaningless.
+``ids.parquet`` (row -> doc_id), ``shard-<k>.faiss`` and, when the encode job stores texts, ``texts.parquet``
+(doc_id, text). A query encoder that does not match the recorded encoder (``Embedder.describe()``: model, pooling,
+length, normalisation, EOS handling, query format) or dimension is refused (``IndexMismatchError``), because its
+scores would be meaningless.
 """
 
 from __future__ import annotations
@@ -27,10 +29,15 @@ from reasonembed.storage import Location
 IndexKind = Literal["flat", "ivf", "hnsw"]
 META = "index.json"
 IDS = "ids.parquet"
+TEXTS = "texts.parquet"
+# Fields of Embedder.describe() that change the vectors a query gets: a query encoder must match the index on each
+# (query_instruction is not among them: a server may use another instruction per task, by design).
+ENCODER_KEYS = ("model_name", "pooling", "max_length", "normalize", "append_eos", "query_format")
 
 
 class IndexMismatchError(ValueError):
-    """The index was built with another model, pooling or dimension than the query encoder."""
+    """The index was built with another encoder (model, pooling, EOS, query format...) or dimension than the query
+    encoder."""
 
 
 @dataclass
@@ -100,12 +107,13 @@ class SearchIndex:
         return cls(shards, list(doc_ids), info, offsets)
 
     def check_compatible(self, encoder: dict[str, Any]) -> None:
-        """Refuse a query encoder whose model, pooling or dimension differs from the index's."""
+        """Refuse a query encoder that differs from the index's recorded encoder on any of ``ENCODER_KEYS`` or on the
+        dimension. A field the index does not record (an index built before it was recorded) is not compared."""
         problems = []
         if int(encoder.get("dim", self.dim)) != self.dim:
             problems.append(f"dimension {encoder.get('dim')} != index {self.dim}")
         recorded = self.meta.get("encoder") or {}
-        for key in ("model_name", "pooling", "max_length", "normalize"):
+        for key in ENCODER_KEYS:
             if key in recorded and key in encoder and recorded[key] != encoder[key]:
                 problems.append(f"{key} {encoder[key]!r} != index {recorded[key]!r}")
         if problems:

@@ -2,7 +2,9 @@
 
 JSON lines are read as text and parsed per batch, so one malformed line becomes an error row (with its line content)
 instead of failing the whole read. Each row gets a ``shard`` from a stable hash of its id, so the same document
-always lands in the same part file, whatever the read order, and duplicate ids meet in one shard.
+always lands in the same part file, whatever the read order, and every row of an id meets the others in one shard,
+where the encode job settles repeats (``reasonembed.repeats``: a verbatim repeat is kept once, an id given two
+different texts becomes error rows).
 """
 
 from __future__ import annotations

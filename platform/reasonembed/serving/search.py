@@ -1,8 +1,8 @@
 """Search over an encode job's FAISS index: resolve the folder, check the encoder, return hits (and texts).
 
 ``index`` may point at an encode output folder (``<run>/encode``, whose index lives in ``index/``) or at the index
-folder itself, locally or on S3. When the index folder carries ``texts.parquet`` (columns ``doc_id``, ``text``),
-hits can include the document text. Excluded ids are removed after retrieval, as in the BRIGHT protocol
+folder itself, locally or on S3. When the index folder carries ``texts.parquet`` (columns ``doc_id``, ``text``;
+the encode job writes it with ``index.store_texts: true``), hits can include the document text. Excluded ids are removed after retrieval, as in the BRIGHT protocol
 (``SearchIndex.search``), so a query may get fewer than ``top_k`` hits.
 """
 
@@ -14,11 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from reasonembed.config.base import StorageConfig
-from reasonembed.index.faiss_index import META, SearchIndex
+from reasonembed.index.faiss_index import META, TEXTS, SearchIndex
 from reasonembed.serving.errors import InvalidRequest, PayloadTooLarge
 from reasonembed.storage import Location, join
-
-TEXTS = "texts.parquet"
 
 
 def resolve_index_uri(uri: str, storage: StorageConfig | None = None) -> str:

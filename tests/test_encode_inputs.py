@@ -1,0 +1,93 @@
+"""Encode job on a small corpus: width without an index, repeated ids, changed inputs, stored texts (issue 13)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from reasonembed.config import load_job_config
+from reasonembed.index import encode
+from reasonembed.repeats import CONFLICTING_ID
+from reasonembed.storage import InputsChangedError, open_run
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = """\
+run_id: t
+embedder: {model: minilm}
+engine: {rows_per_shard: 5, num_cpus_per_actor: 1}
+index: {build: false}
+ray: {object_store_memory_mb: 256}
+"""
+
+
+@pytest.fixture(scope="module")
+def docs(mini_scifact) -> list[dict]:
+    return [json.loads(line) for line in (mini_scifact / "corpus.jsonl").read_text().splitlines()[:12]]
+
+
+def _write_corpus(path: Path, docs: list[dict]) -> None:
+    """The docs, plus a verbatim copy of doc 1 (a repeat: kept once) and doc 2's id with another text (a conflict)."""
+    rows = [*docs, docs[1], {**docs[2], "text": "another document under the same id"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.fixture(scope="module")
+def job(ray_local, docs, tmp_path_factory):
+    """(config file, corpus file, out folder) of an encode run with ``index.build: false`` (no driver-side probe)."""
+    root = tmp_path_factory.mktemp("enc-inputs")
+    corpus, cfg_file = root / "corpus.jsonl", root / "encode.yaml"
+    _write_corpus(corpus, docs)
+    cfg_file.write_text(CONFIG)
+    out = root / "out"
+    encode.run(_load(cfg_file, corpus, out))
+    return cfg_file, corpus, out
+
+
+def _load(cfg_file: Path, corpus: Path, out: Path, *overrides: str):
+    return load_job_config("encode", cfg_file, [f"data.path={corpus}", f"out={out}", "data.title_field=null",
+                                                *overrides])
+
+
+def test_encode_without_index_writes_parts_of_the_model_width_and_settles_repeats(job, docs):
+    _, corpus, out = job
+    stage = open_run(str(out), "t").stage("encode")
+    assert all(pq.read_schema(stage._p(p)).field("embedding").type.list_size == 384 for p in stage.parts())
+    ids, x = encode.load_embeddings(stage)
+    # the verbatim repeat of doc 1 is one row, silently; doc 2, given two texts, is no row at all
+    assert sorted(ids) == sorted(d["id"] for i, d in enumerate(docs) if i != 2) and x.shape == (11, 384)
+    errors = stage.read_errors().to_pylist()
+    assert [(e["doc_id"], e["reason"]) for e in errors] == [(docs[2]["id"], CONFLICTING_ID)] * 2
+    assert {e["text"] for e in errors} == {docs[2]["text"][:500], "another document under the same id"}
+    m = stage.read_manifest()
+    assert (m.rows_in, m.rows_out, m.rows_error) == (14, 11, 2)
+    assert str(corpus.resolve()) in m.inputs and "model:minilm" in m.inputs
+    # store_texts false: no texts anywhere, and no index
+    assert not stage.exists("texts") and not stage.exists("index")
+
+
+def test_changed_corpus_is_refused_then_redone_with_overwrite(job, docs):
+    from reasonembed.models.embedder import Embedder
+
+    cfg_file, corpus, out = job
+    changed = [*docs]
+    changed[3] = {**docs[3], "text": "Tides are caused by the gravitational pull of the moon."}
+    _write_corpus(corpus, changed)
+    with pytest.raises(InputsChangedError, match=f"changed: {corpus.resolve()}"):
+        encode.run(_load(cfg_file, corpus, out))
+    # the CLI reports it as one line, exit code 2, no traceback
+    cli = subprocess.run([sys.executable, "-m", "reasonembed.cli", "encode", "--config", str(cfg_file),
+                          "--data", str(corpus), "--out", str(out), "data.title_field=null"],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    lines = [ln for ln in cli.stderr.splitlines() if ln.startswith("reasonembed encode: error:")]
+    assert cli.returncode == 2 and "Traceback" not in cli.stderr, cli.stderr[-2000:]
+    assert len(lines) == 1 and str(corpus.resolve()) in lines[0] and "overwrite=true" in lines[0]
+    summary = encode.run(_load(cfg_file, corpus, out, "overwrite=true"))
+    assert summary.rows == 11 and summary.wall_s > 0
+    ids, x = encode.load_embeddings(open_run(str(out), "t").stage("encode"))
+    want = Embedder(load_job_config("encode", cfg_file).embedder).encode([changed[3]["text"]])[0]
+    assert float(x[ids.index(docs[3]["id"])] @ want) > 0.9999
