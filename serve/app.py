@@ -7,7 +7,7 @@ Routes:
   within ``limits.request_timeout_s``, and the index, if configured, is loaded and matches the model);
 - ``GET /metrics``: this node's ``ray_reasonembed_*`` Prometheus series (Ray exports them on every node).
 
-Request flow: ``RequestGate`` (API key 401, body size 413) -> FastAPI/pydantic (422 naming the field) -> route
+Request flow: ``RequestGate`` (API key 401, body size 413) -> FastAPI/pydantic (400 naming the field) -> route
 (limits 413, model/dimensions/prompt checks 400/404) -> ``EmbeddingModel.embed`` through a deployment handle, where
 inputs are tokenised and packed into token-budget batches with ``@serve.batch`` -> JSON. Backpressure (too many
 queued requests) and timeouts become 503/429 with ``Retry-After``; nothing else may produce a 5xx.
@@ -30,6 +30,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from pydantic import SecretStr
 from ray import cloudpickle, serve
 from ray.serve.exceptions import BackPressureError
 
@@ -39,7 +40,7 @@ from protocol import EmbeddingRequest, ErrorResponse, SearchRequest  # noqa: E40
 
 from reasonembed.config.serve import ServeJobConfig, config_from_args  # noqa: E402
 from reasonembed.serving import INGRESS_DEPLOYMENT, MODEL_DEPLOYMENT  # noqa: E402
-from reasonembed.serving.auth import load_api_key  # noqa: E402
+from reasonembed.serving.auth import describe_auth, resolve_api_key  # noqa: E402
 from reasonembed.serving.batcher import make_batcher  # noqa: E402
 from reasonembed.serving.engine import THREADED_TOKENIZE_CHARS, Chunk, EmbedCall, EmbeddingEngine  # noqa: E402
 from reasonembed.serving.errors import (  # noqa: E402
@@ -147,7 +148,9 @@ class RemoteModel:
 api = FastAPI(
     title="reasonembed",
     summary="OpenAI-compatible embeddings and FAISS search for ReasonEmbed models.",
-    responses={code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 422, 429, 503)},
+    # "default" also keeps FastAPI from documenting its own 422 body, which this service never sends (schema
+    # errors are 400 invalid_request_error, as in the OpenAI API).
+    responses={code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 503, "default")},
 )
 api.add_middleware(RequestGate)
 
@@ -199,16 +202,19 @@ def _json(obj: dict, status: int = 200) -> Response:
 @serve.ingress(api)
 class EmbeddingAPI:
     """HTTP ingress: protocol, auth, limits, search. The model runs in ``EmbeddingModel`` replicas reached through
-    ``model`` (a deployment handle), or, when ``model`` is None (fused topology), in this replica."""
+    ``model`` (a deployment handle), or, when ``model`` is None (fused topology), in this replica.
 
-    async def __init__(self, model, cfg: dict[str, Any]):
+    ``api_key`` is resolved by ``build_app`` where the application is built, not read here: this replica's
+    environment is the cluster's, which need not hold the variable the launcher was given (serving/auth.py)."""
+
+    async def __init__(self, model, cfg: dict[str, Any], api_key: SecretStr | None = None):
         keep_replica_grpc_on_loopback()
         self.cfg = ServeJobConfig.model_validate(cfg)
         # Fused: build the model before anything else, so a replica that cannot load it fails its constructor.
         self.model = RemoteModel(model) if model is not None else ModelReplica(cfg)
         self.limits = self.cfg.limits
         self.metrics = api_metrics()
-        configure_gate(GateSettings(load_api_key(self.cfg.auth), self.limits.max_body_bytes,
+        configure_gate(GateSettings(api_key.get_secret_value() if api_key else None, self.limits.max_body_bytes,
                                     on_reject=lambda path, status: self.metrics.observe(
                                         path.rsplit("/", 1)[-1] or "root", status, 0.0)))
         self.encoder = await self.model.describe()  # split: waits for a warmed-up model replica
@@ -379,6 +385,8 @@ class EmbeddingAPI:
 def build_app(args: dict[str, Any] | ServeJobConfig | None = None):
     """The Serve application (``serve run app:build_app``, ``serve deploy serve/config.yaml``, launch.py)."""
     cfg = args if isinstance(args, ServeJobConfig) else config_from_args(args)
+    api_key = resolve_api_key(cfg.auth)  # AuthConfigError (naming the variable/file) fails the build
+    log.log(logging.INFO if api_key else logging.WARNING, "%s: %s", cfg.app_name, describe_auth(cfg.auth, api_key))
     if cfg.ingress == "direct" and os.environ.get(DIRECT_INGRESS_FLAG) != "1":
         # e.g. `serve deploy` with ingress: direct on a cluster started without the flag: say where HTTP goes
         log.warning("ingress: direct needs Ray Serve started with %s=1 (and the port range, see README); without "
@@ -396,7 +404,8 @@ def build_app(args: dict[str, Any] | ServeJobConfig | None = None):
     http = {"max_queued_requests": lim.http_max_queued_requests,
             "backpressure_config": {"status_code": lim.overload_status, "retry_after_s": lim.retry_after_s}}
     if r.topology == "fused":  # one deployment, named like the model so batch jobs find it the same way
-        return EmbeddingAPI.options(name=MODEL_DEPLOYMENT, ray_actor_options=actor, **scaling, **http).bind(None, data)
+        return EmbeddingAPI.options(name=MODEL_DEPLOYMENT, ray_actor_options=actor, **scaling, **http).bind(
+            None, data, api_key)
     model = EmbeddingModel.options(
         ray_actor_options=actor, max_queued_requests=lim.max_queued_requests, **scaling
     ).bind(data)
@@ -406,4 +415,4 @@ def build_app(args: dict[str, Any] | ServeJobConfig | None = None):
         max_ongoing_requests=r.ingress_max_ongoing_requests,
         max_constructor_retry_count=2,
         **http,
-    ).bind(model, data)
+    ).bind(model, data, api_key)

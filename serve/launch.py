@@ -45,7 +45,8 @@ def load_config(ns: argparse.Namespace) -> ServeJobConfig:
 
 
 def preflight(cfg: ServeJobConfig) -> None:
-    """Fail before starting Ray on problems the user can fix from the command line."""
+    """Fail before starting Ray on problems the user can fix from the command line (e.g. an API-key variable that
+    is set but empty, which would otherwise leave the service open)."""
     from reasonembed.serving.auth import AuthConfigError, load_api_key
     from reasonembed.serving.search import resolve_index_uri
 
@@ -60,6 +61,50 @@ def preflight(cfg: ServeJobConfig) -> None:
             raise ConfigError(str(exc)) from exc
 
 
+def cluster_env(cfg: ServeJobConfig) -> bool:
+    """Whether this process starts its own cluster; if so, sets the Ray Serve variables that cluster must start
+    with. ConfigError when direct ingress is asked of an existing cluster that was not started for it."""
+    import ray
+
+    from reasonembed.serving.runner import DIRECT_INGRESS_FLAG, FAST_PATH_ENV, direct_ingress_env
+
+    owns_cluster = not ray.is_initialized() and not (cfg.ray.address or os.environ.get("RAY_ADDRESS"))
+    if owns_cluster:
+        for key, value in FAST_PATH_ENV.items():
+            os.environ.setdefault(key, value)  # the user's environment wins
+        if cfg.ingress == "direct":
+            os.environ.update(direct_ingress_env(cfg.port))  # must match the config
+    elif cfg.ingress == "direct" and os.environ.get(DIRECT_INGRESS_FLAG) != "1":
+        flags = " ".join(f"{k}={v}" for k, v in direct_ingress_env(cfg.port).items())
+        raise ConfigError(f"ingress: 'direct' on an existing cluster needs Ray started with direct ingress "
+                          f"(e.g. {flags} ray start ...) and {DIRECT_INGRESS_FLAG}=1 here; or set ingress=proxy")
+    return owns_cluster
+
+
+def ready_line(cfg: ServeJobConfig, base: str, info: dict, proxy_port: int, auth: bool) -> str:
+    """The start-up line: where to send requests, and plainly whether they need an API key."""
+    return (f"reasonembed serve: {info['model']} ready on {base} (OpenAI base_url {base}/v1"
+            f"{', search on ' + info['index']['uri'] if info.get('index') else ''}"
+            f"{f'; direct ingress, Serve proxy on port {proxy_port}' if cfg.ingress == 'direct' else ''}"
+            f"{'; API key required' if auth else '; NO AUTH: no API key configured, anyone who can reach it can use it'}"
+            "); Ctrl-C to stop")
+
+
+def teardown(app_name: str | None, owns_cluster: bool) -> None:
+    """Delete the application (when it was deployed) and stop the cluster this process started."""
+    import ray
+    from ray import serve
+
+    if app_name is not None:
+        try:
+            serve.delete(app_name)
+        except Exception as exc:  # shutting down anyway; report and go on
+            print(f"warning: could not delete the application: {exc}", file=sys.stderr)
+    if owns_cluster:
+        serve.shutdown()
+        ray.shutdown()
+
+
 def main(argv: list[str] | None = None) -> int:
     ns = parse_args(sys.argv[1:] if argv is None else argv)
     try:
@@ -72,32 +117,20 @@ def main(argv: list[str] | None = None) -> int:
     from reasonembed.runtime import apply_env_defaults
 
     # Before `import ray`: Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER at import, and without it a cluster started
-    # here would bind its servers to the machine's network address (FIELD-NOTES.md), not to 127.0.0.1.
+    # here would bind its servers to the machine's network address (see runtime.apply_env_defaults), not to
+    # 127.0.0.1.
     apply_env_defaults()
-    import ray
     from ray import serve
 
     from reasonembed.runtime import connect_ray, setup_logging
     from reasonembed.serving.auth import load_api_key
-    from reasonembed.serving.runner import (
-        DIRECT_INGRESS_FLAG,
-        FAST_PATH_ENV,
-        direct_ingress_env,
-        start_serve,
-        wait_ready,
-    )
+    from reasonembed.serving.runner import start_serve, wait_ready
 
     setup_logging()
-    owns_cluster = not ray.is_initialized() and not (cfg.ray.address or os.environ.get("RAY_ADDRESS"))
-    if owns_cluster:
-        for key, value in FAST_PATH_ENV.items():
-            os.environ.setdefault(key, value)  # the user's environment wins
-        if cfg.ingress == "direct":
-            os.environ.update(direct_ingress_env(cfg.port))  # must match the config
-    elif cfg.ingress == "direct" and os.environ.get(DIRECT_INGRESS_FLAG) != "1":
-        flags = " ".join(f"{k}={v}" for k, v in direct_ingress_env(cfg.port).items())
-        print(f"config error:\ningress: 'direct' on an existing cluster needs Ray started with direct ingress "
-              f"(e.g. {flags} ray start ...) and {DIRECT_INGRESS_FLAG}=1 here; or set ingress=proxy", file=sys.stderr)
+    try:
+        owns_cluster = cluster_env(cfg)
+    except ConfigError as exc:
+        print(f"config error:\n{exc}", file=sys.stderr)
         return 2
     connect_ray(cfg.ray)
     stop = threading.Event()
@@ -117,27 +150,18 @@ def main(argv: list[str] | None = None) -> int:
             serve.run(build_app(cfg), name=cfg.app_name, route_prefix=cfg.route_prefix)
             deployed = True
             base = f"http://{cfg.host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"
-            info = wait_ready(base, timeout_s=600, api_key=load_api_key(cfg.auth))
+            api_key = load_api_key(cfg.auth)
+            info = wait_ready(base, timeout_s=600, api_key=api_key)
         except Exception as exc:  # deployment failures arrive as several Ray exception types
             print(f"error: the application failed to start: {exc}", file=sys.stderr)
             return 1
-        print(f"reasonembed serve: {info['model']} ready on {base} (OpenAI base_url {base}/v1"
-              f"{', search on ' + info['index']['uri'] if info.get('index') else ''}"
-              f"{f'; direct ingress, Serve proxy on port {proxy_port}' if cfg.ingress == 'direct' else ''}); "
-              "Ctrl-C to stop", flush=True)
+        print(ready_line(cfg, base, info, proxy_port, auth=api_key is not None), flush=True)
         while not stop.wait(1.0):
             pass
         print("reasonembed serve: stopping", flush=True)
         return 0
     finally:
-        if deployed:
-            try:
-                serve.delete(cfg.app_name)
-            except Exception as exc:  # shutting down anyway; report and go on
-                print(f"warning: could not delete the application: {exc}", file=sys.stderr)
-        if owns_cluster:
-            serve.shutdown()
-            ray.shutdown()
+        teardown(cfg.app_name if deployed else None, owns_cluster)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,8 @@ a list of strings, a list of token ids or a list of token-id lists; ``encoding_f
 turn inputs into instructed queries (``Instruct: {task}\\nQuery: {q}``; documents get no instruction) and
 ``truncate`` (default true) chooses between cutting over-long inputs and rejecting them.
 
-Types are strict (no "3" for 3, no true for 1) and unknown keys are rejected, so a malformed request gets a 422
-naming the field instead of being half-understood.
+Types are strict (no "3" for 3, no true for 1) and unknown keys are rejected, so a malformed request gets a 400
+``invalid_request_error`` naming the field (as OpenAI answers it) instead of being half-understood.
 """
 
 from __future__ import annotations

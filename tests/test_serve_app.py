@@ -252,6 +252,7 @@ def test_auth_off_and_openapi(service):
     spec = httpx.get(service["base"] + "/openapi.json").json()
     assert {"/v1/embeddings", "/v1/search", "/v1/models", "/health", "/ready"} <= set(spec["paths"])
     assert "EmbeddingRequest" in spec["components"]["schemas"]
+    assert "422" not in spec["paths"]["/v1/embeddings"]["post"]["responses"]  # schema errors are 400
 
 
 def test_concurrent_requests_share_token_budget_batches(service):
@@ -269,20 +270,20 @@ def test_concurrent_requests_share_token_budget_batches(service):
 
 # ---- errors --------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("body,status,param", [
-    (b"{not json", 422, "body"),
-    (b"[]", 422, "body"),
-    ({"input": 3}, 422, "input"),
-    ({"input": []}, 422, "input"),
-    ({"input": ["ok", ""]}, 422, "input"),
-    ({"input": ["a", 1]}, 422, "input"),
-    ({"input": [[1, 2], []]}, 422, "input"),
-    ({"input": "x", "encoding_format": "int8"}, 422, "encoding_format"),
-    ({"input": "x", "dimensions": 0}, 422, "dimensions"),
-    ({"input": "x", "dimensions": "8"}, 422, "dimensions"),
-    ({"input": "x", "truncate": "no"}, 422, "truncate"),
-    ({"input": "x", "temperature": 1}, 422, "temperature"),
-    ({"input": "x", "instruction": "a", "prompt_name": "query"}, 422, "body"),
-    ({"input": [101, 102], "instruction": "task"}, 422, "body"),
+    (b"{not json", 400, "body"),
+    (b"[]", 400, "body"),
+    ({"input": 3}, 400, "input"),
+    ({"input": []}, 400, "input"),
+    ({"input": ["ok", ""]}, 400, "input"),
+    ({"input": ["a", 1]}, 400, "input"),
+    ({"input": [[1, 2], []]}, 400, "input"),
+    ({"input": "x", "encoding_format": "int8"}, 400, "encoding_format"),
+    ({"input": "x", "dimensions": 0}, 400, "dimensions"),
+    ({"input": "x", "dimensions": "8"}, 400, "dimensions"),
+    ({"input": "x", "truncate": "no"}, 400, "truncate"),
+    ({"input": "x", "temperature": 1}, 400, "temperature"),
+    ({"input": "x", "instruction": "a", "prompt_name": "query"}, 400, "body"),
+    ({"input": [101, 102], "instruction": "task"}, 400, "body"),
     ({"input": [101, 102], "prompt_name": "query"}, 400, "prompt_name"),
     ({"input": [[101, 99999999]]}, 400, "input[0][1]"),
     ({"input": ["ok", "word " * 300], "truncate": False}, 400, "input[1]"),
@@ -294,6 +295,23 @@ def test_bad_requests_get_typed_errors(service, body, status, param):
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert err["param"] == param and err["message"] and err["type"] == "invalid_request_error"
+
+
+def test_schema_errors_are_openai_bad_requests(service):
+    """Malformed requests are 400 invalid_request_error, as OpenAI answers them, so the openai client raises
+    BadRequestError (what code written against OpenAI catches), with the offending field as its param."""
+    import openai
+
+    client = openai.OpenAI(base_url=service["base"] + "/v1", api_key="unused", max_retries=0)
+    for kwargs, param in (({"input": []}, "input"), ({"input": "x", "extra_body": {"truncate": "no"}}, "truncate"),
+                          ({"input": "x", "extra_body": {"temperature": 1}}, "temperature")):
+        with pytest.raises(openai.BadRequestError) as exc:
+            client.embeddings.create(model="minilm", **kwargs)
+        err = exc.value
+        assert err.status_code == 400 and err.type == "invalid_request_error", err.body
+        assert err.param == param and err.code == "invalid_schema" and param in err.message
+    raw = post(service, "/v1/embeddings", b"{not json")
+    assert raw.status_code == 400 and set(raw.json()["error"]) == {"message", "type", "param", "code"}
 
 
 def test_truncate_default_cuts_and_reports(service):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import signal
 import socket
@@ -102,3 +103,49 @@ def test_launch_serves_until_interrupted(tmp_path, scifact_dir, listening_socket
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+@pytest.mark.parametrize("value", ["", "  \t"])
+def test_empty_api_key_env_is_a_startup_error(tmp_path, value):
+    """REASONEMBED_API_KEY set but empty (e.g. ``=$UNSET_VAR``) stops the launch with exit 2 naming the variable,
+    before any cluster starts, instead of serving without auth."""
+    env = {**os.environ, "REASONEMBED_API_KEY": value}
+    proc = subprocess.Popen([sys.executable, str(REPO / "serve" / "launch.py"), "--model", "minilm", "--port",
+                             str(free_port())], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=tmp_path, env=env, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:  # it went on to start a cluster: the bug
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"launch.py started with an empty API key variable:\n{out[-2000:]}")
+    assert proc.returncode == 2, out
+    assert "REASONEMBED_API_KEY" in out and "empty" in out, out
+
+
+def test_build_names_a_custom_empty_key_variable_and_logs_auth_state(monkeypatch, caplog):
+    """build_app (also what `serve deploy` runs) refuses an empty key variable by its configured name, and says
+    plainly in the start-up log whether the service requires a key; the key itself is never logged."""
+    sys.path.insert(0, str(REPO / "serve"))
+    import launch
+    from app import build_app
+
+    from reasonembed.serving.auth import AuthConfigError
+
+    args = {"embedder": {"model": "minilm"}, "auth": {"api_key_env": "MY_SERVICE_KEY"}}
+    monkeypatch.setenv("MY_SERVICE_KEY", " ")
+    with pytest.raises(AuthConfigError, match="MY_SERVICE_KEY"):
+        build_app(args)
+    monkeypatch.delenv("MY_SERVICE_KEY")
+    with caplog.at_level(logging.INFO, logger="reasonembed.serve"):
+        build_app(args)
+    (open_rec,) = [r for r in caplog.records if "auth:" in r.getMessage()]
+    assert open_rec.levelno == logging.WARNING and "no API key" in open_rec.getMessage()
+    caplog.clear()
+    monkeypatch.setenv("MY_SERVICE_KEY", "sk-cli-log-check")
+    with caplog.at_level(logging.INFO, logger="reasonembed.serve"):
+        build_app(args)
+    assert any("API key required" in r.getMessage() for r in caplog.records)
+    assert "sk-cli-log-check" not in caplog.text
+    cfg = launch.load_config(launch.parse_args(["--model", "minilm"]))
+    assert "NO AUTH" in launch.ready_line(cfg, "http://127.0.0.1:1", {"model": "minilm"}, 1, auth=False)

@@ -175,13 +175,51 @@ def test_overload_returns_429_with_retry_after_and_recovers(service):
     assert one(99).status_code == 200
 
 
-def test_api_key_never_logged(service):
+def test_api_key_from_the_launching_process_reaches_replicas(service, tiny_qwen3_path, monkeypatch):
+    """On a cluster that is already running, the key is set only in the process that builds and deploys the app:
+    the replica processes (started by the cluster's raylet) do not have the variable, yet the service requires it.
+    The key travels as a masked constructor argument, so it shows up in no log either."""
+    import sys
+
+    from ray import serve
+
+    from reasonembed.serving.runner import wait_ready
+
+    sys.path.insert(0, str(REPO / "serve"))
+    from app import build_app
+
+    name, env_key = "re-envkey", "sk-env-only-3b9c5e"
+    monkeypatch.setenv("REASONEMBED_API_KEY", env_key)  # after ray_local started: its processes lack it
+    serve.run(build_app({"app_name": name, "embedder": {"model": str(tiny_qwen3_path), "max_length": 32},
+                         "batching": {"warmup": False, "token_budget": 256},
+                         "replica": {"topology": "fused", "num_cpus": 0.5}}), name=name, route_prefix="/envkey")
+    try:
+        base = service["base"].replace("/secure", "/envkey")
+        wait_ready(base, timeout_s=120)  # /ready is public
+        body = {"input": "hello"}
+        anonymous = httpx.post(base + "/v1/embeddings", json=body, timeout=60)
+        assert anonymous.status_code == 401, anonymous.text
+        ok = httpx.post(base + "/v1/embeddings", json=body, headers={"Authorization": f"Bearer {env_key}"},
+                        timeout=60)
+        assert ok.status_code == 200, ok.text
+        time.sleep(2)  # let replicas flush their logs
+        assert logged(env_key) == []
+    finally:
+        serve.delete(name)
+
+
+def logged(*secrets: str) -> list[str]:
+    """Ray log files (driver, controller, replicas, runtime-env agent) that contain any of ``secrets``."""
     import ray
 
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path())
+    return [str(p) for p in logs.rglob("*") if p.is_file() and p.stat().st_size < 50 * 2**20
+            and any(s.encode() in p.read_bytes() for s in secrets)]
+
+
+def test_api_key_never_logged(service):
     call(service, "/v1/embeddings", {"input": "log check"})
     call(service, "/v1/embeddings", {"input": "log check"}, key=WRONG_KEY)
     time.sleep(2)  # let replicas flush their logs
-    logs = Path(ray._private.worker._global_node.get_logs_dir_path())
-    hits = [str(p) for p in logs.rglob("*") if p.is_file() and p.stat().st_size < 50 * 2**20
-            and (KEY.encode() in p.read_bytes() or WRONG_KEY.encode() in p.read_bytes())]
+    hits = logged(KEY, WRONG_KEY)
     assert hits == [], f"API key found in logs: {hits}"

@@ -29,12 +29,15 @@ from reasonembed.config.embedder import EmbedderConfig
 
 
 class AuthConfig(StrictModel):
-    """Optional bearer-token auth. The key is read once at start-up and never logged."""
+    """Optional bearer-token auth. The key is read once where the application is built (the launching process, or
+    Serve's build task for ``serve deploy``), handed to the ingress replicas, and never logged."""
 
     api_key_env: str | None = Field(
         "REASONEMBED_API_KEY",
-        description="Environment variable holding the API key (read in the ingress replica). Unset or empty: "
-        "no key from the environment.",
+        description="Environment variable holding the API key, read where the application is built (replicas get "
+        "the key from there, so it need not be set on the cluster). Unset: no auth, and the start-up log says so. "
+        "Set but empty or whitespace: a start-up error naming the variable, never a silently open service. "
+        "None: never read a variable.",
     )
     api_key_file: str | None = Field(
         None,

@@ -49,9 +49,13 @@ class ContextLengthExceeded(InvalidRequest):
 
 
 class SchemaError(ServingError):
-    """Malformed JSON or a value of the wrong type/shape (422)."""
+    """Malformed JSON or a value of the wrong type/shape.
 
-    status = 422
+    400 ``invalid_request_error`` as the OpenAI API answers it, not FastAPI's 422: the ``openai`` client maps 400
+    to ``BadRequestError``, which is what code written against OpenAI catches (422 would be
+    ``UnprocessableEntityError``)."""
+
+    status = 400
     type = "invalid_request_error"
     code = "invalid_schema"
 

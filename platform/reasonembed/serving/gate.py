@@ -1,7 +1,7 @@
 """ASGI middleware in front of the routes: API key check (401) and request body limit (413).
 
 Why middleware rather than FastAPI dependencies: FastAPI decodes and validates the body before dependencies can
-reject a request, so a client without a key would learn about schema errors (422) first, and an oversized body
+reject a request, so a client without a key would learn about schema errors (400) first, and an oversized body
 would be read in full. Here the key is checked first, then ``Content-Length``, then the body is read with a
 running count and cut off as soon as it passes the limit; only then does FastAPI see the request.
 
