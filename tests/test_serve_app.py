@@ -23,7 +23,6 @@ from reasonembed.config.embedder import EmbedderConfig
 from reasonembed.models.embedder import Embedder
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "serve"))
 APP = "re-test"
 N_DOCS = 120
 
@@ -41,10 +40,10 @@ def corpus(scifact_dir) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def encoded(ray_local, corpus, tmp_path_factory):
-    """Run the encode job on a SciFact slice: parquet parts + FAISS index under <run>/encode."""
+    """Run the encode job on a SciFact slice: parquet parts + FAISS index (with the texts that search returns, from
+    index.store_texts) under <run>/encode."""
     from reasonembed.config.encode import EncodeJobConfig
     from reasonembed.index.encode import run
-    from reasonembed.storage import Location
 
     root = tmp_path_factory.mktemp("serve-encode")
     src = root / "corpus.jsonl"
@@ -52,13 +51,10 @@ def encoded(ray_local, corpus, tmp_path_factory):
     cfg = EncodeJobConfig.model_validate({
         "run_id": "serve", "out": str(root / "runs"), "data": {"path": str(src), "title_field": None},
         "embedder": {"model": "minilm"}, "engine": {"num_cpus_per_actor": 1, "rows_per_shard": 64},
+        "index": {"store_texts": True},
     })
     summary = run(cfg)
     stage = root / "runs" / "serve" / "encode"
-    index_dir = Location(str(stage / "index"))
-    if not index_dir.exists("texts.parquet"):  # the search API reads texts from here when present
-        index_dir.write_table("texts.parquet", pa.table({"doc_id": [r["id"] for r in corpus],
-                                                         "text": [r["text"] for r in corpus]}))
     parts = pa.concat_tables([pq.read_table(p) for p in sorted(stage.glob("part-*.parquet"))])
     emb = parts.column("embedding").combine_chunks()
     vectors = emb.values.to_numpy(zero_copy_only=False).reshape(len(parts), -1)
@@ -68,9 +64,9 @@ def encoded(ray_local, corpus, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def service(ray_local, encoded):
-    from app import build_app
     from ray import serve
 
+    from reasonembed.serving.http.app import build_app
     from reasonembed.serving.runner import start_serve, wait_ready
 
     port = start_serve("127.0.0.1", free_port())

@@ -126,11 +126,9 @@ def test_empty_api_key_env_is_a_startup_error(tmp_path, value):
 def test_build_names_a_custom_empty_key_variable_and_logs_auth_state(monkeypatch, caplog):
     """build_app (also what `serve deploy` runs) refuses an empty key variable by its configured name, and says
     plainly in the start-up log whether the service requires a key; the key itself is never logged."""
-    sys.path.insert(0, str(REPO / "serve"))
-    import launch
-    from app import build_app
-
     from reasonembed.serving.auth import AuthConfigError
+    from reasonembed.serving.http import launch
+    from reasonembed.serving.http.app import build_app
 
     args = {"embedder": {"model": "minilm"}, "auth": {"api_key_env": "MY_SERVICE_KEY"}}
     monkeypatch.setenv("MY_SERVICE_KEY", " ")

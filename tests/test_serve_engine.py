@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,6 @@ from reasonembed.serving.gate import GateSettings, RequestGate
 from reasonembed.serving.vectors import from_base64, matryoshka, to_base64, wire_vectors
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "serve"))
 
 
 @pytest.fixture(scope="module")
@@ -348,7 +346,7 @@ def test_presets_validate():
 
 
 def test_launch_config_errors_exit_2(tmp_path, capsys, monkeypatch):
-    import launch
+    from reasonembed.serving.http import launch
 
     assert launch.main(["--model", "minilm", "batching.max_batch_size=0"]) == 2
     assert "batching.max_batch_size" in capsys.readouterr().err
@@ -367,14 +365,15 @@ def test_launch_config_errors_exit_2(tmp_path, capsys, monkeypatch):
 
 def test_builder_args_and_serve_config_yaml():
     """serve/config.yaml is a valid Serve deploy config whose app args build a valid ServeJobConfig."""
-    import app
     import yaml
     from ray.serve.schema import ServeDeploySchema
+
+    from reasonembed.serving.http import app
 
     raw = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())
     schema = ServeDeploySchema.model_validate(raw)
     (spec,) = schema.applications
-    assert spec.import_path == "app:build_app"
+    assert spec.import_path == "reasonembed.serving.http.app:build_app"
     assert schema.http_options.host == "127.0.0.1"
     cfg = config_from_args(spec.args)
     assert cfg.app_name == spec.name

@@ -1,5 +1,5 @@
 """Auth, request limits and overload on real Ray Serve, deployed the way `serve deploy serve/config.yaml` does it
-(the controller imports ``app:build_app`` and calls it with the config's args)."""
+(the controller imports ``reasonembed.serving.http.app:build_app`` and calls it with the config's args)."""
 
 from __future__ import annotations
 
@@ -40,9 +40,7 @@ def service(ray_local, tiny_qwen3_path, tmp_path_factory):
     raw = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())
     raw["http_options"]["port"] = port
     (spec,) = raw["applications"]
-    spec.update(name=APP, route_prefix="/secure")
-    # A fresh cluster gets the import path from PYTHONPATH; the replicas themselves unpickle the app by value.
-    spec["runtime_env"] = {"env_vars": {"PYTHONPATH": str(REPO / "serve")}}
+    spec.update(name=APP, route_prefix="/secure")  # import_path as in the file: the installed package, no PYTHONPATH
     spec["args"] = {
         "app_name": APP,
         "embedder": {"model": str(tiny_qwen3_path), "max_length": 32},
@@ -179,14 +177,10 @@ def test_api_key_from_the_launching_process_reaches_replicas(service, tiny_qwen3
     """On a cluster that is already running, the key is set only in the process that builds and deploys the app:
     the replica processes (started by the cluster's raylet) do not have the variable, yet the service requires it.
     The key travels as a masked constructor argument, so it shows up in no log either."""
-    import sys
-
     from ray import serve
 
+    from reasonembed.serving.http.app import build_app
     from reasonembed.serving.runner import wait_ready
-
-    sys.path.insert(0, str(REPO / "serve"))
-    from app import build_app
 
     name, env_key = "re-envkey", "sk-env-only-3b9c5e"
     monkeypatch.setenv("REASONEMBED_API_KEY", env_key)  # after ray_local started: its processes lack it

@@ -13,7 +13,6 @@ import importlib
 import json
 import logging
 import os
-import runpy
 import sys
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
@@ -112,12 +111,10 @@ def run_job(verb: str, argv: list[str]) -> int:
     """Validate the config, then call the library entry of ``verb``."""
     apply_env_defaults()
     setup_logging(os.environ.get("REASONEMBED_LOG_LEVEL", "INFO"))
-    if verb == "serve":
-        launcher = REPO_ROOT / "serve" / "launch.py"
-        if not launcher.is_file():
-            print(f"reasonembed serve: {launcher} not found (run from a checkout of the repository)", file=sys.stderr)
-            return EXIT_UNAVAILABLE
-        return int(runpy.run_path(str(launcher))["main"](argv) or 0)
+    if verb == "serve":  # the launcher is part of the package: works from an installed wheel, in any folder
+        from reasonembed.serving.http.launch import main as serve_main
+
+        return int(serve_main(argv) or 0)
     try:
         cfg, ns = prepare_job(verb, argv)
     except ModuleNotFoundError as exc:

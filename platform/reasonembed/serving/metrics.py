@@ -7,7 +7,13 @@ for any Ray cluster. ``GET /metrics`` on the service shows the local node's ``ra
 
 from __future__ import annotations
 
-from reasonembed.serving.engine import BatchStats
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from reasonembed.serving.engine import BatchStats, EmbedReply
+from reasonembed.serving.errors import ServingError
 
 LATENCY_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000]
 ROWS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
@@ -41,6 +47,33 @@ class ApiMetrics:
             self.tokens.inc(tokens, tags)
         if truncated:
             self.truncated.inc(truncated, tags)
+
+
+@dataclass
+class RequestRecord:
+    """What a route tells ``timed_request`` about its request: the model's reply, once it has one."""
+
+    reply: EmbedReply | None = None
+    status: int = 200
+
+
+@contextmanager
+def timed_request(metrics: ApiMetrics, endpoint: str) -> Iterator[RequestRecord]:
+    """Time one request and record its metrics however it ends, so no route can forget a path: the status of a
+    ServingError raised inside (re-raised for the error handlers, which write the response), the latency, and the
+    inputs, tokens and truncations of the reply the route stored in the yielded record."""
+    record = RequestRecord()
+    t0 = time.perf_counter()
+    try:
+        yield record
+    except ServingError as exc:
+        record.status = exc.status
+        raise
+    finally:
+        reply = record.reply
+        metrics.observe(endpoint, record.status, (time.perf_counter() - t0) * 1000,
+                        inputs=len(reply.n_tokens) if reply else 0, tokens=reply.total_tokens if reply else 0,
+                        truncated=int(sum(reply.truncated)) if reply else 0)
 
 
 class ModelMetrics:

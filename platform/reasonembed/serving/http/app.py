@@ -12,8 +12,10 @@ Request flow: ``RequestGate`` (API key 401, body size 413) -> FastAPI/pydantic (
 inputs are tokenised and packed into token-budget batches with ``@serve.batch`` -> JSON. Backpressure (too many
 queued requests) and timeouts become 503/429 with ``Retry-After``; nothing else may produce a 5xx.
 
-Entry points: ``build_app(args)`` for ``serve run``/``serve deploy`` (import path ``app:build_app``, see
-serve/config.yaml) and ``serve/launch.py`` for ``reasonembed serve``.
+Entry points: ``build_app(args)`` for ``serve run``/``serve deploy`` (import path
+``reasonembed.serving.http.app:build_app``, see serve/config.yaml) and ``reasonembed.serving.http.launch`` for
+``reasonembed serve``. This is an installed module, so the Serve controller and every replica import it by name
+wherever the package is installed; nothing is pickled by value and no source checkout is needed.
 """
 
 from __future__ import annotations
@@ -22,28 +24,21 @@ import asyncio
 import json
 import logging
 import os
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import SecretStr
-from ray import cloudpickle, serve
+from ray import serve
 from ray.serve.exceptions import BackPressureError
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import protocol  # noqa: E402
-from protocol import EmbeddingRequest, ErrorResponse, SearchRequest  # noqa: E402
-
-from reasonembed.config.serve import ServeJobConfig, config_from_args  # noqa: E402
-from reasonembed.serving import INGRESS_DEPLOYMENT, MODEL_DEPLOYMENT  # noqa: E402
-from reasonembed.serving.auth import describe_auth, resolve_api_key  # noqa: E402
-from reasonembed.serving.batcher import make_batcher  # noqa: E402
-from reasonembed.serving.engine import THREADED_TOKENIZE_CHARS, Chunk, EmbedCall, EmbeddingEngine  # noqa: E402
-from reasonembed.serving.errors import (  # noqa: E402
+from reasonembed.config.serve import ServeJobConfig, config_from_args
+from reasonembed.serving import INGRESS_DEPLOYMENT, MODEL_DEPLOYMENT
+from reasonembed.serving.auth import describe_auth, resolve_api_key
+from reasonembed.serving.engine import EmbedCall
+from reasonembed.serving.errors import (
     InvalidRequest,
     NotFound,
     NotReady,
@@ -52,96 +47,24 @@ from reasonembed.serving.errors import (  # noqa: E402
     SchemaError,
     ServingError,
 )
-from reasonembed.serving.gate import GateSettings, RequestGate, configure_gate  # noqa: E402
-from reasonembed.serving.loopback import keep_replica_grpc_on_loopback  # noqa: E402
-from reasonembed.serving.metrics import ModelMetrics, api_metrics, local_metrics_text  # noqa: E402
-from reasonembed.serving.runner import DIRECT_INGRESS_FLAG  # noqa: E402
-from reasonembed.serving.search import Retriever, per_query_exclusions  # noqa: E402
-from reasonembed.serving.vectors import matryoshka, wire_vectors  # noqa: E402
-
-# Replicas unpickle these classes without importing serve/ (it is not an installed package), so pickle this module
-# and protocol.py by value; only the builder process must be able to import them.
-cloudpickle.register_pickle_by_value(protocol)
-cloudpickle.register_pickle_by_value(sys.modules[__name__])
+from reasonembed.serving.gate import GateSettings, RequestGate, configure_gate
+from reasonembed.serving.http.protocol import (
+    EmbeddingRequest,
+    EmbeddingResponse,
+    ErrorResponse,
+    ModelList,
+    SearchRequest,
+    SearchResponse,
+)
+from reasonembed.serving.http.replica import EmbeddingModel, ModelReplica, RemoteModel
+from reasonembed.serving.loopback import keep_replica_grpc_on_loopback
+from reasonembed.serving.metrics import api_metrics, local_metrics_text, timed_request
+from reasonembed.serving.runner import DIRECT_INGRESS_FLAG
+from reasonembed.serving.search import Retriever, per_query_exclusions
+from reasonembed.serving.vectors import matryoshka, wire_vectors
 
 log = logging.getLogger("reasonembed.serve")
 DOCUMENT_PROMPTS = ("document", "passage")
-
-
-# ---- model replicas --------------------------------------------------------------------------------------------
-class ModelReplica:
-    """One model replica: tokenises with the serving policies and runs token-budget batches across requests.
-
-    Deployed on its own as ``EmbeddingModel`` (split topology) or held inside ``EmbeddingAPI`` (fused topology).
-    """
-
-    def __init__(self, cfg: dict[str, Any]):
-        keep_replica_grpc_on_loopback()  # before Serve starts this replica's gRPC server (after the constructor)
-        self.cfg = ServeJobConfig.model_validate(cfg)
-        emb = self.cfg.embedder
-        if emb.num_threads is None and self.cfg.replica.num_gpus == 0 and self.cfg.replica.num_cpus >= 1:
-            emb = emb.model_copy(update={"num_threads": int(self.cfg.replica.num_cpus)})
-        self.engine = EmbeddingEngine(emb, self.cfg.batching)
-        self.engine.warmup()  # Serve routes traffic to a replica only after its constructor returns
-        self.metrics = ModelMetrics()
-        self.batches = {"batches": 0, "rows": 0, "max_rows": 0, "max_padded_tokens": 0}
-        self._run = make_batcher(self.engine, self._on_batch)
-
-    def _on_batch(self, stats) -> None:
-        self.metrics.on_batch(stats)
-        b = self.batches
-        b["batches"] += 1
-        b["rows"] += stats.rows
-        b["max_rows"] = max(b["max_rows"], stats.rows)
-        b["max_padded_tokens"] = max(b["max_padded_tokens"], stats.padded_tokens)
-
-    async def embed(self, call: EmbedCall):
-        """Embed one request; its chunks join Serve batches with other requests' chunks.
-
-        A client error (bad token id, over-length input with truncate=false) is *returned*, not raised: it is the
-        caller's problem, so it should not count as a replica error in Serve's metrics and logs.
-        """
-        try:
-            if call.n_chars() > THREADED_TOKENIZE_CHARS:
-                ids, flags = await asyncio.to_thread(self.engine.prepare, call)
-            else:
-                ids, flags = self.engine.prepare(call)
-        except ServingError as exc:
-            return exc
-        plan = self.engine.plan(ids)
-        parts = await asyncio.gather(*(self._run(Chunk([ids[i] for i in idx])) for idx in plan))
-        return self.engine.assemble(ids, flags, plan, parts)
-
-    async def describe(self) -> dict:
-        return self.engine.describe()
-
-    async def status(self) -> dict:
-        s = self.engine.status
-        return {"ready": s.ready, "warmup_s": s.warmup_s, "warmup_lengths": s.warmup_lengths,
-                "token_budget": self.engine.token_budget, "batch_stats": dict(self.batches)}
-
-    def check_health(self) -> None:
-        if not self.engine.status.ready:
-            raise RuntimeError("model replica is not warmed up")
-
-
-EmbeddingModel = serve.deployment(name=MODEL_DEPLOYMENT)(ModelReplica)
-
-
-class RemoteModel:
-    """``ModelReplica``'s async interface over a deployment handle (split topology)."""
-
-    def __init__(self, handle):
-        self.handle = handle
-
-    async def embed(self, call: EmbedCall):
-        return await self.handle.embed.remote(call)
-
-    async def describe(self) -> dict:
-        return await self.handle.describe.remote()
-
-    async def status(self) -> dict:
-        return await self.handle.status.remote()
 
 
 # ---- HTTP ingress ----------------------------------------------------------------------------------------------
@@ -289,68 +212,59 @@ class EmbeddingAPI:
         tokens = reply.total_tokens
         return {"prompt_tokens": tokens, "total_tokens": tokens, "truncated_inputs": int(sum(reply.truncated))}
 
+    def _embedding_call(self, body: EmbeddingRequest) -> EmbedCall:
+        """The model call of a /v1/embeddings request, or the client error that stops it."""
+        self._check_model(body.model)
+        texts, ids = body.texts(), body.token_ids()
+        self._check_sizes(texts if texts is not None else ids, "input")
+        dim = int(self.encoder["dim"])
+        if body.dimensions is not None and body.dimensions > dim:
+            raise InvalidRequest(f"dimensions {body.dimensions} exceeds the model's dimension {dim}",
+                                 param="dimensions")
+        is_query, instruction = self._task(body.instruction, body.prompt_name, default_query=False)
+        if ids is not None and is_query:
+            raise InvalidRequest("prompt_name cannot format token-id input (format the text before tokenising)",
+                                 param="prompt_name")
+        return EmbedCall(texts=texts, ids=ids, is_query=is_query, instruction=instruction, truncate=body.truncate)
+
+    def _search_call(self, body: SearchRequest) -> tuple[EmbedCall, list]:
+        """The query embedding call and per-query excluded ids of a /v1/search request, or its client error."""
+        self._check_model(body.model)
+        queries = body.queries()
+        self._check_sizes(queries, "query")
+        if body.top_k > self.limits.max_top_k:
+            raise InvalidRequest(f"top_k {body.top_k} exceeds limits.max_top_k {self.limits.max_top_k}",
+                                 param="top_k")
+        excluded = per_query_exclusions(body.excluded_ids, len(queries), self.limits.max_excluded_ids)
+        if self.retriever is None:
+            raise NotFound("no index is loaded: start the service with --index <encode output folder>",
+                           code="no_index")
+        is_query, instruction = self._task(body.instruction, body.prompt_name, default_query=True)
+        return EmbedCall(texts=queries, is_query=is_query, instruction=instruction), excluded
+
     # -- routes --
-    @api.post("/v1/embeddings", response_model=protocol.EmbeddingResponse)
+    @api.post("/v1/embeddings", response_model=EmbeddingResponse)
     async def embeddings(self, body: EmbeddingRequest) -> Response:
-        t0 = time.perf_counter()
-        status, reply = 200, None
-        try:
-            self._check_model(body.model)
-            texts, ids = body.texts(), body.token_ids()
-            self._check_sizes(texts if texts is not None else ids, "input")
-            dim = int(self.encoder["dim"])
-            if body.dimensions is not None and body.dimensions > dim:
-                raise InvalidRequest(f"dimensions {body.dimensions} exceeds the model's dimension {dim}",
-                                     param="dimensions")
-            is_query, instruction = self._task(body.instruction, body.prompt_name, default_query=False)
-            if ids is not None and is_query:
-                raise InvalidRequest("prompt_name cannot format token-id input (format the text before tokenising)",
-                                     param="prompt_name")
-            reply = await self._embed(EmbedCall(texts=texts, ids=ids, is_query=is_query, instruction=instruction,
-                                                truncate=body.truncate))
+        with timed_request(self.metrics, "embeddings") as record:
+            reply = record.reply = await self._embed(self._embedding_call(body))
             vectors = wire_vectors(matryoshka(reply.embeddings, body.dimensions), body.encoding_format)
             return _json({"object": "list",
                           "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)],
                           "model": self.name, "usage": self._usage(reply)})
-        except ServingError as exc:
-            status = exc.status
-            raise
-        finally:
-            self.metrics.observe("embeddings", status, (time.perf_counter() - t0) * 1000,
-                                 inputs=len(reply.n_tokens) if reply else 0, tokens=reply.total_tokens if reply else 0,
-                                 truncated=int(sum(reply.truncated)) if reply else 0)
 
-    @api.post("/v1/search", response_model=protocol.SearchResponse)
+    @api.post("/v1/search", response_model=SearchResponse)
     async def search(self, body: SearchRequest) -> Response:
-        t0 = time.perf_counter()
-        status, reply = 200, None
-        try:
-            self._check_model(body.model)
-            queries = body.queries()
-            self._check_sizes(queries, "query")
-            if body.top_k > self.limits.max_top_k:
-                raise InvalidRequest(f"top_k {body.top_k} exceeds limits.max_top_k {self.limits.max_top_k}",
-                                     param="top_k")
-            excluded = per_query_exclusions(body.excluded_ids, len(queries), self.limits.max_excluded_ids)
-            if self.retriever is None:
-                raise NotFound("no index is loaded: start the service with --index <encode output folder>",
-                               code="no_index")
-            is_query, instruction = self._task(body.instruction, body.prompt_name, default_query=True)
-            reply = await self._embed(EmbedCall(texts=queries, is_query=is_query, instruction=instruction))
+        with timed_request(self.metrics, "search") as record:
+            call, excluded = self._search_call(body)
+            reply = record.reply = await self._embed(call)
             hits = await asyncio.to_thread(self.retriever.search, reply.embeddings, body.top_k, excluded,
                                            body.return_text)
             data = [{"index": i, "hits": [{"doc_id": h.doc_id, "score": h.score,
                                            **({"text": h.text} if body.return_text else {})} for h in row]}
                     for i, row in enumerate(hits)]
             return _json({"object": "list", "data": data, "model": self.name, "usage": self._usage(reply)})
-        except ServingError as exc:
-            status = exc.status
-            raise
-        finally:
-            self.metrics.observe("search", status, (time.perf_counter() - t0) * 1000,
-                                 inputs=len(reply.n_tokens) if reply else 0, tokens=reply.total_tokens if reply else 0)
 
-    @api.get("/v1/models", response_model=protocol.ModelList)
+    @api.get("/v1/models", response_model=ModelList)
     async def models(self) -> Response:
         card = {"id": self.name, "object": "model", "created": self.created, "owned_by": "reasonembed",
                 "dim": self.encoder["dim"], "max_length": self.encoder["max_length"],
@@ -383,7 +297,8 @@ class EmbeddingAPI:
 
 # ---- application builder ---------------------------------------------------------------------------------------
 def build_app(args: dict[str, Any] | ServeJobConfig | None = None):
-    """The Serve application (``serve run app:build_app``, ``serve deploy serve/config.yaml``, launch.py)."""
+    """The Serve application (``serve run reasonembed.serving.http.app:build_app``, ``serve deploy
+    serve/config.yaml``, ``reasonembed serve``)."""
     cfg = args if isinstance(args, ServeJobConfig) else config_from_args(args)
     api_key = resolve_api_key(cfg.auth)  # AuthConfigError (naming the variable/file) fails the build
     log.log(logging.INFO if api_key else logging.WARNING, "%s: %s", cfg.app_name, describe_auth(cfg.auth, api_key))
