@@ -262,3 +262,33 @@ def test_passage_chunks_sort_by_length_and_invert():
     order = [i for c in chunks for i in c]
     assert [order[inverse[i]] for i in range(len(ids))] == list(range(len(ids)))  # concatenated outputs -> input order
     assert passage_chunks(ids, 0)[0] == [[1, 3, 5, 2, 0, 4]]  # 0: one pass
+
+
+def test_ri_weights_are_measured_without_dropout(samples, tiny_qwen3_path):
+    """L(q′) for the RI weights is computed in eval mode: with LoRA dropout 0.1 two computations on the same batch
+    give the same weights, and the model is back in train mode afterwards (dropout still on for the trained path)."""
+    from reasonembed.redapter.loss import LossConfig, RIInfoNCELoss
+    from reasonembed.redapter.model import build_bi_encoder
+
+    cfg = job(samples, "unused")
+    assert cfg.lora.dropout == 0.1
+    torch.manual_seed(0)
+    bundle = build_bi_encoder(cfg, torch.device("cpu"), "fp32")
+    for name, p in bundle.module.named_parameters():
+        if "lora_B" in name:  # zero-initialised B makes the adapters, and so their dropout, a no-op
+            p.data.normal_(0.0, 0.05)
+    emb, module = bundle.embedder, bundle.module
+    queries = ["Who took a cooking class in Peru?", "Which speaker visited Lima?"]
+    passages = ["Ana: I took the ceviche course in Cusco.", "We climbed the tower at sunset.",
+                "Dante: the flight to Lima was late.", "The pottery class in Kyoto was fun."]
+    reasoning = [f"{q} Cusco is in Peru, so the answer is Ana." for q in queries]
+    with torch.no_grad():
+        q_emb, p_emb = module(emb.tokenize(queries), emb.tokenize(passages))
+    loss_fn = RIInfoNCELoss(LossConfig(ri_start_step=0, cross_device=False))
+    rq_in = emb.tokenize(reasoning)
+    first, second = (loss_fn(q_emb, p_emb, module.encode_frozen(rq_in), step=0) for _ in range(2))
+    assert first.ri_active
+    assert torch.equal(first.ri, second.ri) and torch.equal(first.weights, second.weights)
+    assert all(m.training for m in module.modules())
+    with torch.no_grad():  # dropout is on for the trained forward, so the equality above is not vacuous
+        assert not torch.equal(module(rq_in, rq_in)[0], module(rq_in, rq_in)[0])

@@ -94,7 +94,8 @@ class RIInfoNCELoss(nn.Module):
     2. Gather the passages of all W ranks (``cross_device``), so each query scores all W·B·G passages:
        s(q, d) = <e_q, e_d> / τ. Query i on rank r has its positive at column ``r·B·G + i·G``.
     3. Per-sample InfoNCE L_i(q) = −log softmax_i(positive).
-    4. Under ``no_grad``, the same loss for the reasoning query q′ against the *detached* passages: L_i(q′).
+    4. Under ``no_grad``, the same loss for the reasoning query q′ (embedded in eval mode, without dropout noise)
+       against the *detached* passages: L_i(q′).
        RI_i = L_i(q) / (L_i(q′) + ε). Rows without a reasoning query get RI_i = 1 (they keep the basic InfoNCE weight
        when the rest of the batch is uniform) and are counted.
     5. w_i = clamp(RI_i, 0, κ) / Σ_j clamp(RI_j, 0, κ), the sum over the global batch; weights are detached.
@@ -127,9 +128,8 @@ class RIInfoNCELoss(nn.Module):
         q = embedder.embed_batch(embedder.tokenize(queries))            # [B, D], grad
         p = embedder.embed_batch(embedder.tokenize(passages))           # [B*G, D], grad
         rq = None
-        if loss_fn.needs_reasoning(step):
-            with torch.no_grad():
-                rq = embedder.embed_batch(embedder.tokenize(reasoning_queries))
+        if loss_fn.needs_reasoning(step):  # no grad, eval mode (BiEncoder.encode_frozen)
+            rq = bi_encoder.encode_frozen(embedder.tokenize(reasoning_queries))
         out = loss_fn(q, p, rq, has_reasoning=batch.has_reasoning, step=step)
         out.loss.backward()
         log(out.log_dict())

@@ -4,7 +4,7 @@ one ``nn.Module`` whose single forward encodes queries and passages.
 Why one forward for both. DDP (and DeepSpeed) expect one forward per backward: two separate wrapped calls
 (queries, then passages) that share parameters would mark each parameter ready twice. A module whose forward runs
 the encoder twice is what DDP sees as one step (Tevatron does the same). The reasoning queries q′ are encoded
-outside it, under ``no_grad``, with the same weights (``encode_frozen``).
+outside it, under ``no_grad`` and in eval mode (no dropout), with the same weights (``encode_frozen``).
 
 Backbones: decoder LLMs (Qwen2/3, Llama, Mistral, Gemma, Phi-3: last-token pooling, left padding, EOS appended;
 LoRA and gradient checkpointing by default) and BERT-style encoders (MiniLM, BERT, RoBERTa, MPNet, ...: mean
@@ -68,8 +68,20 @@ class BiEncoder(nn.Module):
 
     @torch.no_grad()
     def encode_frozen(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Embeddings without autograd (the reasoning queries of RI)."""
-        return self.embedder.embed_batch(batch)
+        """Embeddings of the reasoning queries q′ for the RI weights: no autograd, and in eval mode.
+
+        Why eval mode: RI_i = L_i(q) / L_i(q′) is a measurement of the current model, not a training signal; with
+        dropout on (LoRA dropout 0.1 by default) L_i(q′) and so the weights would carry dropout noise, and the same
+        batch would get different weights on every call. Every submodule's own train/eval flag is restored after,
+        also when the forward raises.
+        """
+        modes = [(m, m.training) for m in self.backbone.modules()]
+        self.backbone.eval()
+        try:
+            return self.embedder.embed_batch(batch)
+        finally:
+            for m, training in modes:
+                m.training = training
 
 
 @dataclass

@@ -5,7 +5,8 @@ One optimizer step, on every rank r of W:
 1. ``BatchPlanner`` gives this rank's B queries of the step's global batch (one domain), each with 1 positive and
    G−1 sampled negatives. Queries become ``Instruct: {prompt}\\nQuery: {query}``; passages get no instruction.
 2. One forward of the wrapped ``BiEncoder`` embeds queries [B, D] and passages [B·G, D] (with gradients). From
-   ``loss.ri_start_step`` on, the reasoning queries q′ are embedded under ``no_grad`` with the same weights.
+   ``loss.ri_start_step`` on, the reasoning queries q′ are embedded under ``no_grad`` with the same weights, in
+   eval mode (no dropout: RI is a measurement, ``BiEncoder.encode_frozen``).
 3. ``RIInfoNCELoss`` gathers all ranks' passages (cross-device negatives), weights each query by its clamped,
    globally normalised RI, and returns the loss to backpropagate.
 4. DDP / DeepSpeed average gradients over ranks; clip; AdamW; LR schedule.
