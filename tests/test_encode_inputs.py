@@ -85,7 +85,10 @@ def test_changed_corpus_is_refused_then_redone_with_overwrite(job, docs):
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     lines = [ln for ln in cli.stderr.splitlines() if ln.startswith("reasonembed encode: error:")]
     assert cli.returncode == 2 and "Traceback" not in cli.stderr, cli.stderr[-2000:]
-    assert len(lines) == 1 and str(corpus.resolve()) in lines[0] and "overwrite=true" in lines[0]
+    assert len(lines) == 1 and str(corpus.resolve()) in lines[0] and "--overwrite" in lines[0]
+    from reasonembed.cli import parse_job_args
+
+    assert "overwrite=true" in parse_job_args("encode", ["--overwrite"])[1]  # the switch the message names
     summary = encode.run(_load(cfg_file, corpus, out, "overwrite=true"))
     assert summary.rows == 11 and summary.wall_s > 0
     ids, x = encode.load_embeddings(open_run(str(out), "t").stage("encode"))

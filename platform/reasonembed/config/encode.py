@@ -83,6 +83,7 @@ class EncodeJobConfig(JobConfig):
     """`reasonembed encode`: corpus -> embeddings parquet shards -> FAISS index, resumable by shard."""
 
     FLAGS: ClassVar[dict[str, str]] = {"model": "embedder.model", "data": "data.path", "out": "out"}
+    SWITCHES: ClassVar[dict[str, str]] = {"overwrite": "overwrite"}  # `reasonembed encode --overwrite`
 
     data: CorpusSource = Field(default_factory=CorpusSource, description="The corpus to encode.")
     embedder: EmbedderConfig = Field(default_factory=EmbedderConfig, description="The embedding model.")
