@@ -94,3 +94,27 @@ def test_changed_corpus_is_refused_then_redone_with_overwrite(job, docs):
     ids, x = encode.load_embeddings(open_run(str(out), "t").stage("encode"))
     want = Embedder(load_job_config("encode", cfg_file).embedder).encode([changed[3]["text"]])[0]
     assert float(x[ids.index(docs[3]["id"])] @ want) > 0.9999
+
+
+def test_in_memory_corpus_with_an_all_error_shard_first(ray_local, tmp_path):
+    """A caller's in-memory corpus (as evaluation and mining pass it), with ``index.build: false``: a shard with no
+    embedded row gets an empty part of the model's width, so every part has one schema and the stage loads."""
+    import pyarrow as pa
+
+    from reasonembed.config.encode import EncodeJobConfig
+
+    table = pa.table({"doc_id": ["e1", "e2", "g1", "g2"], "text": ["", "", "a cat", "a dog"],
+                      "error": ["empty text", "empty text", "", ""], "shard": pa.array([0, 0, 1, 1], pa.int64())})
+
+    def build(n_shards: int):
+        assert n_shards == 2
+        return ray_local.data.from_arrow(table)
+
+    cfg = EncodeJobConfig(out=str(tmp_path), run_id="t", data={"path": "<in-memory>"}, index={"build": False},
+                          engine={"rows_per_shard": 2, "shards_per_round": 1})
+    summary = encode.run(cfg, dataset_builder=build, n_rows=4, inputs={"upstream": "stage:abc"})
+    stage = open_run(str(tmp_path), "t").stage("encode")
+    assert [pq.read_schema(stage._p(p)).field("embedding").type.list_size for p in stage.parts()] == [384, 384]
+    ids, x = encode.load_embeddings(stage)
+    assert summary.rows == 2 and summary.rows_error == 2 and sorted(ids) == ["g1", "g2"] and x.shape == (2, 384)
+    assert stage.read_manifest().inputs["upstream"] == "stage:abc"
