@@ -1,17 +1,24 @@
 """Acceptance benchmark of Redapter training on CPU: all-MiniLM-L6-v2 on ImpliRet wknow-multispeaker.
 
-    python bench/train.py [--epochs 2] [--batch 16] [--group 4] [--max-length 128] [--workers 1]
+    python bench/train.py [--epochs 2] [--batch 16] [--group 4] [--max-length 256] [--seeds 42,43,44]
+    python bench/train.py --check-parity      # the controlled check only (seconds)
 
 1. Split the 1,500 queries: numeric id suffix < 1000 train, the other 500 evaluate; the corpus is all 1,500 posts.
 2. Mine hard negatives with the platform's own path (base ``Embedder`` + exact ``SearchIndex``, the positive
    excluded): the top ``group - 1`` non-relevant posts of each training query.
-3. Fine-tune with ``reasonembed.redapter.trainer.run`` (Ray Train; RI-InfoNCE, which is basic InfoNCE here because
-   ImpliRet has no reasoning queries) and, in the same process, with sentence-transformers'
-   ``SentenceTransformerTrainer`` + ``MultipleNegativesRankingLoss`` on the same rows, epochs, batch size, learning
-   rate, schedule, sequence length and temperature (MNRL scale = 1 / τ).
-4. Evaluate base, ours and theirs on the 500 held-out queries over the full corpus with the same encoder path
-   (nDCG@10, trec_eval conventions) and print training samples/s (queries per second of training steps, start-up
-   excluded) and the end-to-end wall time of both.
+3. For each seed, fine-tune twice, each trainer in a fresh Python process with the same torch threads:
+   ``reasonembed.redapter.trainer.run`` (Ray Train, 1 worker; RI-InfoNCE, which is basic InfoNCE here because
+   ImpliRet has no reasoning queries), and sentence-transformers' ``SentenceTransformerTrainer`` +
+   ``MultipleNegativesRankingLoss`` on the same rows, epochs, batch size, learning rate, schedule, sequence length and
+   temperature (MNRL scale = 1 / τ). The seed drives both trainers' shuffling, negative order and dropout.
+4. Evaluate base and every trained model on the 500 held-out queries over the full corpus with the same encoder path
+   (nDCG@10, trec_eval conventions). Print per-seed rows, then mean and standard deviation per trainer, training
+   samples/s and the CPU cores the machine was busy with while each trainer trained (from /proc/stat, so Ray's worker
+   processes count too; run it on an otherwise idle machine).
+
+``--check-parity`` is the controlled check behind the comparison: on one identical batch and identical weights (eval
+mode) both losses must agree, and both trainers' optimizers must see the same parameters, learning-rate schedule,
+dropout and attention kernel.
 """
 
 from __future__ import annotations
@@ -19,6 +26,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -29,9 +38,10 @@ for _k, _v in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "RAY_ENABLE_W
     os.environ.setdefault(_k, _v)
 
 REPO = Path(__file__).resolve().parents[1]
+TRAINERS = ("ours", "sentence-transformers")
 
 
-def parse() -> argparse.Namespace:
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data-dir", default=os.environ.get("REASONEMBED_DATA_DIR", str(REPO.parent / "shared" / "data")))
     p.add_argument("--epochs", type=int, default=2,
@@ -41,19 +51,30 @@ def parse() -> argparse.Namespace:
     p.add_argument("--max-length", type=int, default=256, help="MiniLM's own limit; ImpliRet posts are ~170 tokens")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--temperature", type=float, default=0.02)
-    p.add_argument("--workers", type=int, default=1, help="Ray Train workers (the batch is split across them)")
-    p.add_argument("--threads", type=int, default=2, help="torch threads per process (ours: per worker)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads of each trainer process (ours: its worker)")
+    p.add_argument("--seeds", default="42", help="comma-separated seeds; each runs both trainers")
     p.add_argument("--out", default=None, help="work folder (default: a temporary one)")
     p.add_argument("--skip-st", action="store_true", help="skip the sentence-transformers baseline")
     p.add_argument("--limit-train", type=int, default=None, help="smoke runs: first N training queries only")
     p.add_argument("--limit-test", type=int, default=None, help="smoke runs: first N test queries only")
-    return p.parse_args()
+    p.add_argument("--check-parity", action="store_true", help="run only the controlled loss/optimizer check")
+    p.add_argument("--worker", choices=TRAINERS, default=None, help=argparse.SUPPRESS)  # one trainer, one process
+    p.add_argument("--seed", type=int, default=42, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
 
 
 def split_ids(task) -> tuple[list[str], list[str]]:
     train = [q for q in task.queries.ids if int(q.lstrip("q")) < 1000]
     test = [q for q in task.queries.ids if int(q.lstrip("q")) >= 1000]
     return train, test
+
+
+def load_task(args):
+    from reasonembed.data.beir import load_beir_folder
+
+    task = load_beir_folder(Path(args.data_dir) / "impliret" / "wknow-multispeaker", benchmark="impliret")
+    train_q, test_q = split_ids(task)
+    return task, train_q[:args.limit_train], test_q[:args.limit_test]
 
 
 def evaluate(model: str, task, qids, max_length: int, threads: int) -> dict:
@@ -67,121 +88,236 @@ def evaluate(model: str, task, qids, max_length: int, threads: int) -> dict:
     return retrieval_metrics(emb, task, qids, [texts[q] for q in qids], k=100)
 
 
-def train_ours(args, data_dir: Path, work: Path) -> tuple[str, dict, float]:
+class BusyCores:
+    """Average number of busy CPU cores of the whole machine between enter and exit (/proc/stat jiffies)."""
+
+    @staticmethod
+    def _read() -> tuple[int, int]:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        idle = fields[3] + fields[4]  # idle + iowait
+        return sum(fields) - idle, os.sysconf("SC_CLK_TCK")
+
+    def __enter__(self):
+        self.busy0, self.t0 = self._read()[0], time.time()
+        return self
+
+    def __exit__(self, *exc):
+        busy, hz = self._read()
+        self.cores = (busy - self.busy0) / hz / max(1e-9, time.time() - self.t0)
+        return False
+
+
+def train_ours(args, data_dir: Path, work: Path) -> tuple[str, dict]:
     from reasonembed.config.train import TrainJobConfig
     from reasonembed.redapter.trainer import run
 
-    per_worker = args.batch // args.workers
     cfg = TrainJobConfig.model_validate({
-        "run_id": "bench-impliret", "out": str(work / "ours"), "seed": 42,
-        "ray": {"num_cpus": max(2, args.workers * args.threads), "object_store_memory_mb": 256},
-        "data": {"paths": [str(data_dir)], "batch_size": per_worker, "train_group_size": args.group},
+        "run_id": f"bench-impliret-{args.seed}", "out": str(work / "ours"), "seed": args.seed,
+        "ray": {"num_cpus": max(2, args.threads), "object_store_memory_mb": 256},
+        "data": {"paths": [str(data_dir)], "batch_size": args.batch, "train_group_size": args.group},
         "embedder": {"model": "minilm", "pooling": "mean", "max_length": args.max_length},
         "lora": {"enabled": False},
         "loss": {"temperature": args.temperature},
         "optim": {"lr": args.lr, "warmup_ratio": 0.1, "epochs": args.epochs, "weight_decay": 0.0,
                   "max_grad_norm": 1.0},
         "strategy": "ddp", "precision": "fp32",
-        "scaling": {"num_workers": args.workers, "resources_per_worker": {"CPU": args.threads}},
+        "scaling": {"num_workers": 1, "resources_per_worker": {"CPU": args.threads}},
         "checkpointing": {"every_n_steps": 10_000, "num_to_keep": 1},
         "log": {"every_n_steps": 10, "flush_every_n_steps": 50},
     })
-    t0 = time.time()
-    summary = run(cfg)
-    return summary["model_path"], summary, time.time() - t0
+    with BusyCores() as cpu:
+        summary = run(cfg)
+    return summary["model_path"], {"samples_per_s": summary["samples_per_s"], "train_s": summary["train_s"],
+                                   "steps": summary["steps"], "busy_cores": cpu.cores}
 
 
-def train_st(args, rows: list[dict], work: Path) -> tuple[str, dict, float]:
+def st_arguments(args, work: Path):
+    from sentence_transformers import SentenceTransformerTrainingArguments
+
+    return SentenceTransformerTrainingArguments(
+        output_dir=str(work / "st-out"), num_train_epochs=args.epochs, per_device_train_batch_size=args.batch,
+        learning_rate=args.lr, warmup_steps=0.1, lr_scheduler_type="linear", weight_decay=0.0, max_grad_norm=1.0,
+        dataloader_drop_last=True, save_strategy="no", report_to="none", logging_steps=10, seed=args.seed,
+        data_seed=args.seed, use_cpu=True,
+    )
+
+
+def st_columns(rows: list[dict], group: int) -> dict[str, list[str]]:
+    cols: dict[str, list[str]] = {"anchor": [r["query"] for r in rows], "positive": [r["pos"][0] for r in rows]}
+    for k in range(group - 1):
+        cols[f"negative_{k + 1}"] = [r["neg"][k] for r in rows]
+    return cols
+
+
+def train_st(args, rows: list[dict], work: Path) -> tuple[str, dict]:
     import torch
     from datasets import Dataset
-    from sentence_transformers import (
-        SentenceTransformer,
-        SentenceTransformerTrainer,
-        SentenceTransformerTrainingArguments,
-    )
+    from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
 
     from reasonembed.models.registry import resolve_model
 
     torch.set_num_threads(args.threads)
-    t0 = time.time()
     model = SentenceTransformer(str(resolve_model("minilm").path), device="cpu")
     model.max_seq_length = args.max_length
-    cols: dict[str, list[str]] = {"anchor": [r["query"] for r in rows], "positive": [r["pos"][0] for r in rows]}
-    for k in range(args.group - 1):
-        cols[f"negative_{k + 1}"] = [r["neg"][k] for r in rows]
     loss = MultipleNegativesRankingLoss(model, scale=1.0 / args.temperature)
-    targs = SentenceTransformerTrainingArguments(
-        output_dir=str(work / "st-out"), num_train_epochs=args.epochs, per_device_train_batch_size=args.batch,
-        learning_rate=args.lr, warmup_steps=0.1, lr_scheduler_type="linear", weight_decay=0.0, max_grad_norm=1.0,
-        dataloader_drop_last=True, save_strategy="no", report_to="none", logging_steps=10, seed=42,
-        use_cpu=True,
-    )
-    trainer = SentenceTransformerTrainer(model=model, args=targs, train_dataset=Dataset.from_dict(cols), loss=loss)
-    out = trainer.train()
+    trainer = SentenceTransformerTrainer(model=model, args=st_arguments(args, work),
+                                         train_dataset=Dataset.from_dict(st_columns(rows, args.group)), loss=loss)
+    with BusyCores() as cpu:
+        out = trainer.train()
     path = str(work / "st-model")
     model.save(path)
-    return path, dict(out.metrics), time.time() - t0
+    m = out.metrics
+    return path, {"samples_per_s": m["train_samples_per_second"], "train_s": m["train_runtime"],
+                  "steps": out.global_step, "busy_cores": cpu.cores}
 
 
-def main() -> None:
-    args = parse()
-    sys.path.insert(0, str(REPO / "platform"))
+def worker(args) -> None:
+    """One trainer in this (fresh) process; prints one JSON line with its metrics and speed."""
+    work = Path(args.out)
+    task, _, test_q = load_task(args)
+    t0 = time.time()
+    if args.worker == "ours":
+        path, speed = train_ours(args, work / "samples", work / f"ours-{args.seed}")
+    else:
+        rows = [json.loads(x) for x in (work / "samples" / "impliret-wknow.jsonl").read_text().splitlines()]
+        path, speed = train_st(args, rows, work / f"st-{args.seed}")
+    speed["wall_s"] = time.time() - t0
+    metrics = evaluate(path, task, test_q, args.max_length, args.threads)
+    print("RESULT " + json.dumps({"trainer": args.worker, "seed": args.seed, "metrics": metrics, "speed": speed}))
+
+
+def check_parity(args) -> None:
+    """The controlled check: same batch, same weights, eval mode -> same loss; same optimizer set-up."""
+    import torch
+    from datasets import Dataset
+    from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+
     from reasonembed.config.embedder import EmbedderConfig
-    from reasonembed.data.beir import load_beir_folder
     from reasonembed.models.embedder import Embedder
+    from reasonembed.models.registry import resolve_model
+    from reasonembed.redapter.engine import lr_lambda, param_groups
+    from reasonembed.redapter.loss import LossConfig, RIInfoNCELoss
+
+    torch.set_num_threads(args.threads)
+    task, _, _ = load_task(args)
+    b, g, docs = args.batch, args.group, task.corpus.texts
+    rows = [{"query": task.queries.texts[i], "pos": [docs[i]], "neg": [docs[100 + (g - 1) * i + k] for k in range(g - 1)]}
+            for i in range(b)]
+    st = SentenceTransformer(str(resolve_model("minilm").path), device="cpu").eval()
+    st.max_seq_length = args.max_length
+    mnrl = MultipleNegativesRankingLoss(st, scale=1.0 / args.temperature)
+    cols = st_columns(rows, g)
+    ours_emb = Embedder(EmbedderConfig(model="minilm", pooling="mean", max_length=args.max_length, device="cpu"))
+    ours_emb.model.eval()
+    passages = [t for r in rows for t in (r["pos"][0], *r["neg"])]
+    with torch.no_grad():
+        st_loss = mnrl([st.tokenize(cols[c]) for c in cols], None).item()
+        q = ours_emb.embed_batch(ours_emb.tokenize(cols["anchor"]))
+        p = ours_emb.embed_batch(ours_emb.tokenize(passages))
+        st_q = st.encode(cols["anchor"], convert_to_tensor=True, normalize_embeddings=True)
+    ours_loss = RIInfoNCELoss(LossConfig(temperature=args.temperature, use_ri=False, cross_device=False))(q, p).value
+    print(f"same batch ({b} queries x group {g}), same weights, eval mode: MNRL {st_loss:.6f}, ours {ours_loss:.6f}; "
+          f"max |query embedding difference| {(q - st_q).abs().max().item():.1e}")
+    trainer = SentenceTransformerTrainer(model=st, args=st_arguments(args, Path(tempfile.mkdtemp())),
+                                         train_dataset=Dataset.from_dict(cols), loss=mnrl)
+    total = 124
+    trainer.create_optimizer_and_scheduler(num_training_steps=total)
+    st_lr = []
+    for _ in range(total):
+        st_lr.append(trainer.lr_scheduler.get_last_lr()[0])
+        trainer.optimizer.step()
+        trainer.lr_scheduler.step()
+    fn = lr_lambda(total, 0.1, "linear")
+    gap = max(abs(st_lr[i] - args.lr * fn(i)) for i in range(total))
+    st_params = sum(p.numel() for grp in trainer.optimizer.param_groups for p in grp["params"])
+    ours_params = sum(p.numel() for grp in param_groups(ours_emb.model, 0.0) for p in grp["params"])
+    cfg_st, cfg_ours = st[0].auto_model.config, ours_emb.model.config
+    print(f"learning rate over {total} steps: max |ST - ours| = {gap:.1e}; optimizer parameters: ST {st_params:,}, "
+          f"ours {ours_params:,} (difference: BERT's pooler, unused by mean pooling: it gets no gradient)")
+    print(f"dropout hidden/attention: ST {cfg_st.hidden_dropout_prob}/{cfg_st.attention_probs_dropout_prob}, ours "
+          f"{cfg_ours.hidden_dropout_prob}/{cfg_ours.attention_probs_dropout_prob}; attention: ST "
+          f"{cfg_st._attn_implementation}, ours {cfg_ours._attn_implementation}; ST batch sampler "
+          f"{trainer.args.batch_sampler}")
+
+
+def prepare(args, work: Path) -> dict:
+    """Mine negatives once with the base model, write the shared training rows; returns base metrics."""
+    from reasonembed.config.embedder import EmbedderConfig
+    from reasonembed.models.embedder import Embedder
+    from reasonembed.redapter.dev_eval import retrieval_metrics
     from reasonembed.redapter.samples import mine_negatives, samples_from_task, write_jsonl
 
-    work = Path(args.out or tempfile.mkdtemp(prefix="bench-train-"))
-    work.mkdir(parents=True, exist_ok=True)
-    task = load_beir_folder(Path(args.data_dir) / "impliret" / "wknow-multispeaker", benchmark="impliret")
-    train_q, test_q = split_ids(task)
-    train_q, test_q = train_q[:args.limit_train], test_q[:args.limit_test]
+    task, train_q, test_q = load_task(args)
     print(f"ImpliRet wknow-multispeaker: {len(task.corpus)} docs, {len(train_q)} train / {len(test_q)} test queries")
-
     t0 = time.time()
     base = Embedder(EmbedderConfig(model="minilm", pooling="mean", max_length=args.max_length, device="cpu",
                                    num_threads=args.threads))
     docs = base.encode(task.corpus.texts)
     negatives = mine_negatives(base, task, train_q, n_neg=args.group - 1, doc_embeddings=docs)
     rows = samples_from_task(task, train_q, negatives, domain="impliret-wknow")
-    data_dir = write_jsonl(rows, work / "samples" / "impliret-wknow.jsonl").parent
+    write_jsonl(rows, work / "samples" / "impliret-wknow.jsonl")
     print(f"mined {args.group - 1} hard negatives for {len(rows)} training queries in {time.time() - t0:.1f} s")
     texts = dict(zip(task.queries.ids, task.queries.texts, strict=True))
-    from reasonembed.redapter.dev_eval import retrieval_metrics
+    return retrieval_metrics(base, task, test_q, [texts[q] for q in test_q], doc_embeddings=docs)
 
-    results = {"base": retrieval_metrics(base, task, test_q, [texts[q] for q in test_q], doc_embeddings=docs)}
-    del base
 
-    ours_path, ours, ours_wall = train_ours(args, data_dir, work)
-    results["ours"] = evaluate(ours_path, task, test_q, args.max_length, args.threads)
-    speed = {"ours": {"samples_per_s": ours["samples_per_s"], "train_s": ours["train_s"], "wall_s": ours_wall,
-                      "steps": ours["steps"]}}
-    if not args.skip_st:
-        st_path, st, st_wall = train_st(args, rows, work)
-        results["sentence-transformers"] = evaluate(st_path, task, test_q, args.max_length, args.threads)
-        speed["sentence-transformers"] = {"samples_per_s": st["train_samples_per_second"],
-                                          "train_s": st["train_runtime"], "wall_s": st_wall,
-                                          "steps": st.get("global_step")}
+def run_worker(args, trainer: str, seed: int, work: Path) -> dict:
+    """Run one trainer in a fresh process; its RESULT line."""
+    argv = [sys.executable, __file__, "--worker", trainer, "--seed", str(seed), "--out", str(work)]
+    for flag in ("data_dir", "epochs", "batch", "group", "max_length", "lr", "temperature", "threads",
+                 "limit_train", "limit_test"):
+        value = getattr(args, flag)
+        if value is not None:
+            argv += [f"--{flag.replace('_', '-')}", str(value)]
+    proc = subprocess.run(argv, capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        raise SystemExit(f"{trainer} (seed {seed}) failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
 
+
+def summarize(args, base: dict, results: list[dict]) -> None:
     print(f"\nsettings: epochs {args.epochs}, batch {args.batch} queries x group {args.group}, max length "
-          f"{args.max_length}, lr {args.lr}, tau {args.temperature}, {args.workers} Ray worker(s), "
-          f"{args.threads} threads")
-    print(f"{'model':<24}{'nDCG@10':>9}{'R@10':>8}{'MRR@10':>8}{'samples/s':>11}{'train s':>9}{'wall s':>8}")
-    for name, m in results.items():
-        s = speed.get(name, {})
-        sps = f"{s['samples_per_s']:.2f}" if s.get("samples_per_s") else "-"
-        tr = f"{s['train_s']:.0f}" if s.get("train_s") else "-"
-        wall = f"{s['wall_s']:.0f}" if s.get("wall_s") else "-"
-        print(f"{name:<24}{m['ndcg_at_10']:>9.4f}{m['recall_at_10']:>8.4f}{m['mrr_at_10']:>8.4f}{sps:>11}{tr:>9}"
-              f"{wall:>8}")
-    if "sentence-transformers" in results:
-        ratio = speed["ours"]["samples_per_s"] / speed["sentence-transformers"]["samples_per_s"]
-        d = results["ours"]["ndcg_at_10"] - results["sentence-transformers"]["ndcg_at_10"]
-        print(f"ours / sentence-transformers: training speed {ratio:.2f}x, nDCG@10 {d:+.4f}")
-    print(f"fine-tuned vs base nDCG@10: {results['ours']['ndcg_at_10'] - results['base']['ndcg_at_10']:+.4f}")
-    (work / "results.json").write_text(json.dumps({"args": vars(args), "metrics": results, "speed": speed},
-                                                  indent=2, default=str))
+          f"{args.max_length}, lr {args.lr}, tau {args.temperature}, {args.threads} threads per trainer process")
+    print(f"{'model':<24}{'seed':>6}{'nDCG@10':>9}{'R@10':>8}{'MRR@10':>8}{'samples/s':>11}{'train s':>9}"
+          f"{'busy cores':>12}")
+    print(f"{'base':<24}{'-':>6}{base['ndcg_at_10']:>9.4f}{base['recall_at_10']:>8.4f}{base['mrr_at_10']:>8.4f}")
+    for r in results:
+        m, s = r["metrics"], r["speed"]
+        print(f"{r['trainer']:<24}{r['seed']:>6}{m['ndcg_at_10']:>9.4f}{m['recall_at_10']:>8.4f}{m['mrr_at_10']:>8.4f}"
+              f"{s['samples_per_s']:>11.2f}{s['train_s']:>9.0f}{s['busy_cores']:>12.2f}")
+    for name in TRAINERS:
+        mine = [r for r in results if r["trainer"] == name]
+        if not mine:
+            continue
+        nd = [r["metrics"]["ndcg_at_10"] for r in mine]
+        sps = [r["speed"]["samples_per_s"] for r in mine]
+        sd = statistics.stdev(nd) if len(nd) > 1 else 0.0
+        print(f"{name}: nDCG@10 mean {statistics.mean(nd):.4f} sd {sd:.4f} over {len(nd)} seed(s); samples/s mean "
+              f"{statistics.mean(sps):.2f}")
+
+
+def main() -> None:
+    args = parse()
+    if args.worker:
+        return worker(args)
+    if args.check_parity:
+        return check_parity(args)
+    work = Path(args.out or tempfile.mkdtemp(prefix="bench-train-"))
+    work.mkdir(parents=True, exist_ok=True)
+    args.out = str(work)
+    base = prepare(args, work)
+    results = []
+    for seed in [int(x) for x in args.seeds.split(",")]:
+        for trainer in TRAINERS[:1] if args.skip_st else TRAINERS:
+            results.append(run_worker(args, trainer, seed, work))
+            r = results[-1]
+            print(f"  {trainer} seed {seed}: nDCG@10 {r['metrics']['ndcg_at_10']:.4f}, "
+                  f"{r['speed']['samples_per_s']:.2f} samples/s, {r['speed']['busy_cores']:.2f} busy cores")
+    summarize(args, base, results)
+    (work / "results.json").write_text(json.dumps({"args": vars(args), "base": base, "runs": results}, indent=2))
     print(f"results: {work / 'results.json'}")
 
 
