@@ -9,7 +9,7 @@ import os
 import socket
 from pathlib import Path
 
-# Set before Ray, vLLM or transformers are imported anywhere (FIELD-NOTES.md: loopback-only Ray, explicit auth mode,
+# Set before Ray, vLLM or transformers are imported anywhere (docs/operations.md, "Ray on one machine": loopback-only Ray, explicit auth mode,
 # bounded vLLM CPU KV cache).
 for _k, _v in {
     "HF_HUB_OFFLINE": "1",

@@ -1,6 +1,6 @@
 """Start and stop one private Ray head on this machine, bound to 127.0.0.1, without touching anyone else's Ray.
 
-`ray stop` kills every Ray process on the machine (FIELD-NOTES.md), which is wrong on a shared box, in CI runners
+`ray stop` kills every Ray process on the machine (docs/operations.md, "`ray stop`"), which is wrong on a shared box, in CI runners
 that host several jobs, and in tests. ``LocalHead`` instead:
 
 1. starts ``ray start --head`` as the leader of a new POSIX session (``start_new_session=True``) with its own
@@ -44,7 +44,7 @@ log = logging.getLogger("reasonembed.local_head")
 class _PortTaken(RuntimeError):
     """`ray start` lost a race for one of the free ports it was given."""
 
-# Environment every locally started head gets (FIELD-NOTES.md: loopback binding, explicit auth mode, no telemetry).
+# Environment every locally started head gets (docs/operations.md, "Ray on one machine": loopback binding, explicit auth mode, no telemetry).
 HEAD_ENV = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     "RAY_AUTH_MODE": "disabled",

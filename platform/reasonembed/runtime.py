@@ -1,6 +1,6 @@
 """Process set-up shared by every job: offline-safe environment defaults, logging, and attaching to (or starting) Ray.
 
-Why these defaults (FIELD-NOTES.md): Ray binds to the machine's network address unless
+Why these defaults (docs/operations.md, "Ray on one machine"): Ray binds to the machine's network address unless
 RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0; token auth switches itself on when ~/.ray/auth_token exists unless RAY_AUTH_MODE
 is explicit; vLLM's CPU build reserves ~20 GiB of KV cache unless VLLM_CPU_KVCACHE_SPACE is set.
 

@@ -18,7 +18,7 @@ What one call does, in order (everything before step 4 happens offline, so bad i
    - submission id ``reasonembed-<run_id>-<verb>-<attempt>``: deterministic, readable in `ray job list`, and new
      per attempt because Ray refuses to reuse an id;
 5. follow the driver's logs with status lines, and on FAILED resubmit up to ``retries`` times. Ray Jobs never retry
-   by themselves; a resubmitted stage skips finished shards (resume by shard, DESIGN.md section 3), so a retry
+   by themselves; a resubmitted stage skips finished shards (resume by shard: the commit protocol in storage.py), so a retry
    costs only what was unfinished. A job of the same run and verb that is still running is followed, not duplicated.
 
 The same job also runs with plain Ray (see the YAML headers in cluster/):

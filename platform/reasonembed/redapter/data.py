@@ -1,6 +1,6 @@
 """Read Redapter training samples into one Arrow table, with bad rows set aside in an error table.
 
-Two input formats (SPEC.md section 1, stage 4; DESIGN.md section 3):
+Two input formats (docs/algorithm.md section 1, stage 4; the commit protocol in storage.py):
 
 - the platform's synthesis output: parquet parts with ``sample_id, domain, prompt, query, reasoning_query, pos,
   neg, pos_ids, neg_ids, pos_scores, neg_scores, source_doc_id, train_group_size, batch_size``;
@@ -70,7 +70,7 @@ _SUFFIXES = {".parquet": "parquet", ".jsonl": "jsonl"}
 
 
 class TrainDataConfig(StrictModel):
-    """Where training samples come from and how they are grouped into batches (SPEC.md section 2)."""
+    """Where training samples come from and how they are grouped into batches (docs/algorithm.md section 2)."""
 
     paths: list[str] = Field(
         min_length=1,

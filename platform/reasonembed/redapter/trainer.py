@@ -154,7 +154,7 @@ def _ray_storage(uri: str, storage: StorageConfig | None):
 def _worker_env(cfg: TrainJobConfig) -> dict[str, str]:
     env = {k: os.environ[k] for k in _PROPAGATE if os.environ.get(k)}
     if cfg.strategy == "deepspeed" and not cfg.scaling.use_gpu:
-        env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed on CPU: gloo process group, torch AdamW (FIELD-NOTES.md)
+        env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed on CPU: gloo process group, torch AdamW (docs/operations.md, "Ray Train, DeepSpeed and peft on CPU")
     return env
 
 
