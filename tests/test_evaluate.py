@@ -54,3 +54,56 @@ def test_minilm_scifact_matches_mteb(scifact_dir, tmp_path):
     _evaluate(["--model", "minilm", "--data", str(scifact_dir), "--out", str(out)], timeout=3000)
     metrics = _check_outputs(out, "beir/scifact")
     assert abs(metrics["ndcg_at_10"] - 0.64508) <= 0.005, metrics["ndcg_at_10"]
+
+
+def _r2med_folder(scifact_dir: Path, root: Path, n_queries: int = 6) -> Path:
+    """An R2MED task folder in R2MED's release layout (``r2med/Biology/{corpus,query}.jsonl`` + ``qrels.txt`` with a
+    score column) from real SciFact text. Each relevant abstract is followed by the next ones until the document
+    holds ~6000 characters: well over 512 tokens, well under 8192."""
+    qrels = {}
+    for line in (scifact_dir / "qrels.tsv").read_text().splitlines()[1:]:
+        qid, did, _ = line.split("\t")
+        qrels.setdefault(qid, []).append(did)
+    queries = [q for q in map(json.loads, (scifact_dir / "queries.jsonl").read_text().splitlines())
+               if q["id"] in qrels][:n_queries]
+    docs = [json.loads(x) for x in (scifact_dir / "corpus.jsonl").read_text().splitlines()]
+    at = {d["id"]: i for i, d in enumerate(docs)}
+    wanted = [d for q in queries for d in qrels[q["id"]]]
+    corpus = []
+    for did in list(dict.fromkeys(wanted)) + [docs[i]["id"] for i in range(8)]:
+        text, i = docs[at[did]]["text"], at[did]
+        while len(text) < 6000:
+            i += 1
+            text += " " + docs[i % len(docs)]["text"]
+        corpus.append({"id": did, "text": text})
+    folder = root / "r2med" / "Biology"
+    folder.mkdir(parents=True)
+    (folder / "corpus.jsonl").write_text("".join(json.dumps(d) + "\n" for d in corpus))
+    (folder / "query.jsonl").write_text("".join(json.dumps({"id": q["id"], "text": q["text"]}) + "\n"
+                                                for q in queries))
+    (folder / "qrels.txt").write_text("q_id p_id score\n" + "".join(f"{q['id']} {d} 1\n" for q in queries
+                                                                    for d in qrels[q["id"]]))
+    return root
+
+
+def test_r2med_is_encoded_at_its_own_max_length(scifact_dir, mini_scifact, tmp_path, tiny_qwen3_path):
+    """A long-context embedder (8192, like the paper preset) evaluates R2MED at R2MED's 512 and a BEIR folder at the
+    embedder's 8192 in the same run; an explicit run-level max_length wins over both. report.json says which."""
+    from reasonembed.config.evaluate import EvaluateJobConfig
+    from reasonembed.evaluation.pipeline import run
+
+    root = _r2med_folder(scifact_dir, tmp_path / "data")
+    base = {"tasks": ["r2med/Biology", str(mini_scifact)], "data_dir": str(root), "corpus_encoding": "local",
+            "embedder": {"model": "tiny-qwen3", "max_length": 8192, "device": "cpu"}, "max_queries": 4,
+            "plots": False}
+    cfg = EvaluateJobConfig.model_validate({**base, "out": str(tmp_path / "protocol")})
+    tasks = json.loads(Path(run(cfg)["report"]).read_text())["tasks"]
+    r2med, beir = tasks["r2med/Biology"]["extra"], tasks[f"beir/{mini_scifact.name}"]["extra"]
+    assert r2med["truncated"] == tasks["r2med/Biology"]["n_docs"]  # every ~6000-character document is cut at 512
+    assert (r2med["max_length"], r2med["max_length_source"]) == (512, "task")
+    assert (beir["max_length"], beir["max_length_source"]) == (8192, "embedder") and beir["truncated"] == 0
+
+    cfg = EvaluateJobConfig.model_validate({**base, "tasks": ["r2med/Biology"], "max_length": 8192,
+                                            "out": str(tmp_path / "override")})
+    r2med = json.loads(Path(run(cfg)["report"]).read_text())["tasks"]["r2med/Biology"]["extra"]
+    assert (r2med["max_length"], r2med["max_length_source"], r2med["truncated"]) == (8192, "config", 0)

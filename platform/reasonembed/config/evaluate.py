@@ -33,6 +33,11 @@ class EvaluateJobConfig(JobConfig):
     )
     retriever: Literal["dense", "bm25", "hybrid"] = Field("dense", description="dense | bm25 | hybrid.")
     embedder: EmbedderConfig = Field(default_factory=EmbedderConfig, description="The dense model.")
+    max_length: int | None = Field(
+        None, ge=8, description="Max tokens per input for EVERY task, overriding both a benchmark's own length and "
+        "embedder.max_length. None: a task whose benchmark fixes a length uses it (R2MED: 512), other tasks use "
+        "embedder.max_length (None there: the model's). report.json records each task's length and its source."
+    )
     use_task_instruction: bool = Field(
         True, description="Format queries with the task's instruction (BRIGHT/R2MED) when the task has one."
     )

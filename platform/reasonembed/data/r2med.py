@@ -5,8 +5,9 @@ Hub layout (one dataset per task, ``R2MED/<task>``), as read by MTEB's and FlagE
 - config ``query``, split ``query``: ``{id, text}``;
 - config ``qrels``, split ``qrels``: ``{q_id, p_id, score}``; relevance is the integer ``score``.
 
-Max length 512 and the per-task instructions below are those of ReasonEmbed's ``evaluation_r2med`` (SPEC.md
-section 3). Revisions default to the ones MTEB pins, so numbers are reproducible; pass ``revision="main"`` for the
+Max length 512 and the per-task instructions below are those of ReasonEmbed's ``evaluation_r2med``. The length is
+stored as ``metadata["max_length"]``; ``reasonembed evaluate`` encodes the task at it even when the embedder is
+configured longer (``evaluation.pipeline.task_max_length`` gives the precedence). Revisions default to the ones MTEB pins, so numbers are reproducible; pass ``revision="main"`` for the
 latest. A local folder (``corpus.jsonl``, ``queries.jsonl`` or ``query.jsonl``, ``qrels.tsv``/``qrels.txt``) or
 hub-shaped row files (parquet/jsonl) work offline.
 """

@@ -41,7 +41,7 @@ Qrels = Mapping[str, Mapping[str, int]]
 
 DEFAULT_K_VALUES: tuple[int, ...] = (1, 5, 10, 100)
 MAIN_METRIC = "ndcg_at_10"
-# The metrics a report shows by default (SPEC.md section 3 plus MRR and MAP).
+# The metrics a report shows by default (the paper's nDCG/recall cut-offs plus MRR and MAP).
 HEADLINE_METRICS: tuple[str, ...] = (
     "ndcg_at_1", "ndcg_at_5", "ndcg_at_10", "ndcg_at_100", "recall_at_10", "recall_at_100", "mrr_at_10", "map",
 )

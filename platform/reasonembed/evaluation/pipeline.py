@@ -3,6 +3,10 @@
 For every task: retrieve the top ``k`` per query (2000 for BRIGHT, as in the paper), drop the query's
 ``excluded_ids`` (BRIGHT), compute nDCG@{1,5,10,100}, recall@{10,100}, MRR@10 and MAP, then write ``report.json``,
 ``report.md``, ``<benchmark>/<task>/run.trec`` and a PNG per task under ``out``.
+
+Max length per task (dense and hybrid): one model serves every task, but a benchmark may fix its own input length
+(R2MED: 512); ``task_max_length`` gives the precedence (run-level ``max_length`` > the task's length >
+``embedder.max_length`` > the model's) and each task's report records ``max_length`` and ``max_length_source``.
 """
 
 from __future__ import annotations
@@ -16,11 +20,13 @@ from reasonembed import progress
 from reasonembed.config.base import ConfigError
 from reasonembed.config.evaluate import EvaluateJobConfig
 from reasonembed.data.catalog import expand_specs, load_task
+from reasonembed.data.types import RetrievalTask
 from reasonembed.evaluation.bm25 import bm25_run
 from reasonembed.evaluation.metrics import evaluate
 from reasonembed.evaluation.report import Report, task_report, write_report
 from reasonembed.evaluation.retrieve import dense_run, fuse
 from reasonembed.evaluation.runs import ExclusionStats, remove_excluded
+from reasonembed.models.embedder import Embedder
 from reasonembed.storage import Location, is_s3
 
 log = logging.getLogger(__name__)
@@ -28,6 +34,49 @@ log = logging.getLogger(__name__)
 
 def default_top_k(benchmark: str) -> int:
     return 2000 if benchmark == "bright" else 1000
+
+
+def task_max_length(cfg: EvaluateJobConfig, task: RetrievalTask, embedder: Embedder) -> tuple[int, str]:
+    """(max tokens per input for ``task``, where that number came from), first match wins:
+
+    1. ``cfg.max_length``, an explicit choice for every task of the run (``"config"``);
+    2. the task's ``metadata["max_length"]``, part of its benchmark's protocol (R2MED: 512) (``"task"``);
+    3. the embedder's length: ``embedder.max_length``, else the model's own (``"embedder"``).
+
+    Why the task's length beats ``embedder.max_length``: a long-context preset (8192, for BRIGHT) would otherwise
+    encode R2MED at 8192 and report numbers that are not R2MED's; the run-level override stays available for a
+    deliberate departure from the protocol.
+    """
+    if cfg.max_length is not None:
+        return cfg.max_length, "config"
+    if task.metadata.get("max_length"):
+        return int(task.metadata["max_length"]), "task"
+    return embedder.max_length, "embedder"
+
+
+def evaluate_task(cfg: EvaluateJobConfig, task: RetrievalTask, embedder: Embedder | None):
+    """Retrieve, remove excluded ids and score one task; returns (TaskReport, run, EvalResult)."""
+    t0 = time.time()
+    k = cfg.top_k or default_top_k(task.benchmark)
+    info: dict = {"top_k": k, "retriever": cfg.retriever}
+    if cfg.retriever == "bm25":
+        run_ = bm25_run(task, cfg.bm25.model_copy(update={"top_k": k}), k=k)
+    else:
+        length, source = task_max_length(cfg, task, embedder)
+        info.update(max_length=length, max_length_source=source)
+        run_, dense_info = dense_run(cfg, task, embedder.with_max_length(length), k)
+        info.update(dense_info)
+        if cfg.retriever == "hybrid":
+            run_ = fuse(run_, bm25_run(task, cfg.bm25.model_copy(update={"top_k": k}), k=k), cfg.hybrid_alpha, k)
+    stats = ExclusionStats()
+    run_ = remove_excluded(run_, task.excluded_ids, stats=stats)
+    info.update(excluded_removed=stats.n_removed, queries_with_exclusions_hit=stats.n_queries_affected)
+    res = evaluate(task.qrels, run_, cfg.k_values)
+    info["wall_s"] = round(time.time() - t0, 2)
+    tr = task_report(task, res, **info)
+    log.info("%s: nDCG@10 %.4f (%d queries, %.1f s)", tr.key, res.mean.get("ndcg_at_10", float("nan")),
+             res.n_queries, info["wall_s"])
+    return tr, run_, res
 
 
 def run(cfg: EvaluateJobConfig) -> dict:
@@ -41,8 +90,6 @@ def run(cfg: EvaluateJobConfig) -> dict:
         tasks = [t.limit_queries(cfg.max_queries) for t in tasks]
     embedder = None
     if cfg.retriever in ("dense", "hybrid"):
-        from reasonembed.models.embedder import Embedder
-
         embedder = Embedder(cfg.embedder)
         if cfg.corpus_encoding == "ray":
             from reasonembed.runtime import connect_ray
@@ -54,45 +101,30 @@ def run(cfg: EvaluateJobConfig) -> dict:
     with progress.step("evaluate", total=sum(len(t.queries) for t in tasks), unit="queries") as bar:
         for i, task in enumerate(tasks):
             bar.set_postfix(f"task {i + 1}/{len(tasks)} {task.benchmark}/{task.name}")
-            t0 = time.time()
-            k = cfg.top_k or default_top_k(task.benchmark)
-            info: dict = {"top_k": k, "retriever": cfg.retriever}
-            if cfg.retriever == "bm25":
-                run_ = bm25_run(task, cfg.bm25.model_copy(update={"top_k": k}), k=k)
-            else:
-                run_, dense_info = dense_run(cfg, task, embedder, k)
-                info.update(dense_info)
-                if cfg.retriever == "hybrid":
-                    run_ = fuse(run_, bm25_run(task, cfg.bm25.model_copy(update={"top_k": k}), k=k), cfg.hybrid_alpha, k)
-            stats = ExclusionStats()
-            run_ = remove_excluded(run_, task.excluded_ids, stats=stats)
-            info.update(excluded_removed=stats.n_removed, queries_with_exclusions_hit=stats.n_queries_affected)
-            res = evaluate(task.qrels, run_, cfg.k_values)
-            info["wall_s"] = round(time.time() - t0, 2)
-            tr = task_report(task, res, **info)
+            tr, run_, res = evaluate_task(cfg, task, embedder)
             reports.append(tr)
             runs[tr.key], results[tr.key] = run_, res
-            log.info("%s: nDCG@10 %.4f (%d queries, %.1f s)", tr.key, res.mean.get("ndcg_at_10", float("nan")),
-                     res.n_queries, info["wall_s"])
             bar.update(len(task.queries))
     model = embedder.describe() if embedder else {"retriever": "bm25", **cfg.bm25.model_dump()}
     name = cfg.name or (model.get("model_name") if embedder else "BM25")
     if cfg.retriever == "hybrid":
         name = f"{name}+BM25"
     report = Report(name=name, tasks=reports, model=model, config=cfg.model_dump(mode="json"))
-    out_uri = cfg.out
-    if is_s3(out_uri):
-        with tempfile.TemporaryDirectory() as tmp:
-            written = write_report(report, tmp, runs=runs, results=results, plots=cfg.plots)
-            loc = Location(out_uri, cfg.storage)
-            for path in written.values():
-                loc.upload_file(path, str(Path(path).relative_to(tmp)))
-        report_path = f"{out_uri.rstrip('/')}/report.json"
-    else:
-        written = write_report(report, out_uri, runs=runs, results=results, plots=cfg.plots)
-        report_path = str(written["report.json"])
     summary = {t.key: {m: round(t.metrics[m], 5) for m in ("ndcg_at_10", "recall_at_100") if m in t.metrics}
                for t in reports}
-    summary["report"] = report_path
+    summary["report"] = _write(cfg, report, runs, results)
     summary["wall_s"] = round(time.time() - t_start, 1)
     return summary
+
+
+def _write(cfg: EvaluateJobConfig, report: Report, runs: dict, results: dict) -> str:
+    """Write the report files under ``cfg.out`` (local, or uploaded to s3://); returns report.json's location."""
+    if is_s3(cfg.out):
+        with tempfile.TemporaryDirectory() as tmp:
+            written = write_report(report, tmp, runs=runs, results=results, plots=cfg.plots)
+            loc = Location(cfg.out, cfg.storage)
+            for path in written.values():
+                loc.upload_file(path, str(Path(path).relative_to(tmp)))
+        return f"{cfg.out.rstrip('/')}/report.json"
+    written = write_report(report, cfg.out, runs=runs, results=results, plots=cfg.plots)
+    return str(written["report.json"])

@@ -6,7 +6,7 @@ Layout under ``out_dir``::
     report.json  report.md
     <benchmark>/<task>/run.trec  per_query.jsonl  metrics.png
 
-The table follows the paper (SPEC.md section 3): one row per model or retriever, one column per task, then the
+The table follows the paper (arXiv 2510.08252, table 1): one row per model or retriever, one column per task, then the
 average of each benchmark (when a report spans several) and the overall average, all nDCG@10 x 100. Averages are
 plain means over tasks of the per-task means, as BRIGHT and R2MED report them.
 """

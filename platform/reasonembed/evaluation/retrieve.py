@@ -1,6 +1,6 @@
 """Dense and hybrid retrieval for evaluation: encode the corpus with the encode job, search FAISS, drop excluded ids.
 
-Protocol (BRIGHT, SPEC.md section 3): retrieve the top ``k`` (2000) by exact inner product, then remove each query's
+Protocol (BRIGHT): retrieve the top ``k`` (2000) by exact inner product, then remove each query's
 ``excluded_ids``, then rank what remains. Hybrid fusion: s = α·minmax(s_dense) + (1-α)·minmax(s_bm25) per query,
 over the union of both candidate lists (a document missing from one list scores 0 on that side).
 """
@@ -65,7 +65,8 @@ def corpus_index(cfg: EvaluateJobConfig, task: RetrievalTask, embedder: Embedder
     enc_cfg = EncodeJobConfig(
         run_id=cfg.run_id, out=cfg.out, seed=cfg.seed, ray=cfg.ray, storage=cfg.storage,
         data={"path": f"<task:{task.benchmark}/{task.name}:{task.metadata.get('revision', '')}>"},
-        embedder=cfg.embedder.model_copy(update={"query_instruction": None}), engine=cfg.engine, index=cfg.index,
+        # The embedder's own config: it carries this task's max length (evaluation.pipeline.task_max_length).
+        embedder=embedder.cfg.model_copy(update={"query_instruction": None}), engine=cfg.engine, index=cfg.index,
         stage=f"encode/{task.benchmark}/{task.name}",
     )
     builder, n = corpus_dataset_builder(task)
@@ -81,10 +82,10 @@ def dense_run(cfg: EvaluateJobConfig, task: RetrievalTask, embedder: Embedder, k
     index.check_compatible(embedder.describe())
     instruction = task.instruction if cfg.use_task_instruction else None
     t0 = time.time()
-    q = embedder.encode(task.queries.texts, is_query=True, instruction=instruction)
-    hits = index.search(q, k)
+    q = embedder.encode_with_stats(task.queries.texts, is_query=True, instruction=instruction)
+    hits = index.search(q.embeddings, k)
     run = {qid: dict(h) for qid, h in zip(task.queries.ids, hits, strict=True)}
-    info.update(query_s=round(time.time() - t0, 2), instruction=instruction)
+    info.update(query_s=round(time.time() - t0, 2), instruction=instruction, queries_truncated=q.n_truncated)
     return run, info
 
 

@@ -7,7 +7,7 @@ TREC run format (trec_eval's input), one line per retrieved document, six whites
 Ranks follow trec_eval's own order (``metrics.rank_docs``: float32 score descending, doc id descending on ties), and
 scores are written with ``repr`` so that reading the file back gives the same floats and the same metrics.
 
-BRIGHT protocol (SPEC.md section 3; BRIGHT's and FlagEmbedding's evaluators): retrieve the top 2000, drop each
+BRIGHT protocol (BRIGHT's and FlagEmbedding's evaluators): retrieve the top 2000, drop each
 query's ``excluded_ids`` (documents that are the query's own source or answer-leaking duplicates), then rank what
 is left (``remove_excluded``).
 """

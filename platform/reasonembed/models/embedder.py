@@ -14,6 +14,7 @@ batch is rows × longest row, so sorting makes padding waste small and lets shor
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -130,6 +131,19 @@ class Embedder:
         self.onnx = self._onnx_session(path) if use_onnx and model_given is None else None
         if use_onnx and model_given is not None:
             log.warning("backend=%r runs the weights in %s, not a model passed in memory: using torch", cfg.backend, path)
+
+    def with_max_length(self, max_length: int) -> Embedder:
+        """This embedder at another max length, sharing the loaded model, tokenizer and ONNX session.
+
+        Why: a benchmark may fix its own input length (R2MED: 512) while one evaluation covers several benchmarks;
+        loading the weights again per length would cost an 8B model's load time and memory for nothing.
+        """
+        if max_length == self.max_length:
+            return self
+        other = copy.copy(self)
+        other.cfg = self.cfg.model_copy(update={"max_length": max_length})
+        other.max_length = max_length
+        return other
 
     def _onnx_session(self, path: str):
         """ONNX Runtime session over the cached graph of ``path`` (exported on first use; int8 only for onnx-int8)."""
