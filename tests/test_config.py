@@ -98,10 +98,11 @@ def test_cli_missing_model_and_data_exit_2(tmp_path):
     out = tmp_path / "out"
     for args, needle in (
         (["--model", str(tmp_path / "no-model"), "--data", str(REPO / "configs")], "model path does not exist"),
-        (["--data", str(tmp_path / "no-data")], "corpus not found"),
+        (["--data", str(tmp_path / "no-data")], f"data.path: not found: {tmp_path / 'no-data'}"),
     ):
         proc = subprocess.run([sys.executable, "-m", "reasonembed.cli", "encode", "--out", str(out), *args],
                               capture_output=True, text=True, cwd=REPO, timeout=300)
         assert proc.returncode == 2, proc.stderr[-2000:]
         assert needle in proc.stderr
         assert not (out / "local-tiny" / "encode" / "_manifest.json").exists()
+    assert not out.exists()  # refused before anything was written
