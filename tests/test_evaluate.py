@@ -46,7 +46,7 @@ def test_evaluate_rejects_missing_data(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.slow
+@pytest.mark.acceptance
 def test_minilm_scifact_matches_mteb(scifact_dir, tmp_path):
     """The acceptance form ``reasonembed evaluate --model minilm --data <BEIR dir> --out <dir>`` on full BEIR SciFact,
     through the Ray Data encode job: every output is written and nDCG@10 = 0.645 ± 0.005 (MTEB 0.64508)."""
