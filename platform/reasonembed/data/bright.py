@@ -28,7 +28,15 @@ from reasonembed.data.readers import (
     require_text,
     sha256_file,
 )
-from reasonembed.data.types import Corpus, DataError, DataWarning, Queries, RetrievalTask, validate_task
+from reasonembed.data.types import (
+    Corpus,
+    DataError,
+    DataWarning,
+    HubOptions,
+    Queries,
+    RetrievalTask,
+    validate_task,
+)
 
 # The hub id (the GitHub org is xlang-ai; the dataset lives under xlangai).
 BRIGHT_HUB_REPO = "xlangai/BRIGHT"
@@ -120,7 +128,7 @@ def _check_gold_matches_qrels(task: RetrievalTask, queries_file: Path) -> None:
             f"{task.name}: {len(mismatched)} queries have gold_ids different from {queries_file.parent}/qrels.tsv "
             f"(e.g. {mismatched[:5]}); scoring uses qrels.tsv",
             DataWarning,
-            stacklevel=3,
+            stacklevel=4,  # 1 this function, 2 _load_folder, 3 load_bright, 4 its caller
         )
 
 
@@ -130,11 +138,9 @@ def load_bright(
     data_dir: str | Path | None = None,
     examples_file: str | Path | None = None,
     documents_file: str | Path | None = None,
-    hub_repo: str = BRIGHT_HUB_REPO,
-    revision: str | None = None,
-    cache_dir: str | None = None,
     query_split: str = "examples",
     require_corpus: bool = True,
+    hub: HubOptions | None = None,
 ) -> RetrievalTask:
     """Load one BRIGHT task as a validated ``RetrievalTask`` with its instruction and excluded ids.
 
@@ -142,57 +148,79 @@ def load_bright(
     1. ``data_dir``: a local folder, either the task folder itself or a parent holding ``<task>/`` (the shared
        layout). ``documents_file`` can supply the corpus when the folder has none.
     2. ``examples_file`` (+ ``documents_file``): local parquet/jsonl files with hub-shaped rows.
-    3. the hub: ``datasets.load_dataset(hub_repo, query_split / "documents", split=task, revision=revision)``.
+    3. the hub: ``datasets.load_dataset(hub.repo, query_split / "documents", split=task, revision=hub.revision)``
+       (``hub``: :class:`~reasonembed.data.types.HubOptions`; default repo ``xlangai/BRIGHT``, revision ``main``).
 
     ``query_split`` picks the hub config of queries: ``examples`` (original queries, the paper's setting) or e.g.
     ``gpt4_reason`` (LLM-reasoning queries). ``require_corpus=False`` allows a queries-only task.
     """
     _check_task(task)
-    instruction = BRIGHT_INSTRUCTIONS[task]
+    hub = hub or HubOptions()
     corpus_override = None
     if documents_file is not None:
         corpus_override = parse_bright_documents(read_rows(documents_file), str(documents_file))
-
     if data_dir is not None:
-        folder = Path(data_dir)
-        if not (folder / "queries.jsonl").is_file() and (folder / task).is_dir():
-            folder = folder / task
-        # The folder's own corpus.jsonl is required only when no documents_file supplies the corpus.
-        t = load_beir_folder(
-            folder, name=task, instruction=instruction, benchmark="bright", title_mode="none",
-            require_corpus=require_corpus and corpus_override is None,
-        )
-        _check_gold_matches_qrels(t, folder / "queries.jsonl")
-        if corpus_override is not None:
-            t.corpus = corpus_override
-            t.metadata["files"]["documents"] = sha256_file(documents_file)
-            t.metadata["revision"] = files_revision(t.metadata["files"])
-            t = validate_task(t, require_corpus=require_corpus, source=str(folder))
-        return t
-
-    metadata: dict[str, Any] = {"hub_repo": hub_repo, "query_split": query_split}
+        return _load_folder(task, Path(data_dir), documents_file, corpus_override, require_corpus)
+    metadata: dict[str, Any] = {"hub_repo": hub.repo or BRIGHT_HUB_REPO, "query_split": query_split}
     if examples_file is not None:
-        queries, qrels, excluded = parse_bright_examples(read_rows(examples_file), str(examples_file))
-        metadata["source"] = str(examples_file)
-        metadata["files"] = {"examples": sha256_file(examples_file)}
-        if documents_file is not None:
-            metadata["files"]["documents"] = sha256_file(documents_file)
-        metadata["revision"] = files_revision(metadata["files"])
+        queries, qrels, excluded = _load_example_files(examples_file, documents_file, metadata)
         corpus = corpus_override or Corpus(ids=[], texts=[])
     else:
-        ex_ds = load_hf_dataset(hub_repo, query_split, task, revision, cache_dir)
-        queries, qrels, excluded = parse_bright_examples(ex_ds, f"{hub_repo}:{query_split}/{task}")
-        if corpus_override is not None:
-            corpus = corpus_override
-        else:
-            doc_ds = load_hf_dataset(hub_repo, "documents", task, revision, cache_dir)
-            corpus = parse_bright_documents(doc_ds, f"{hub_repo}:documents/{task}")
-            metadata["documents_fingerprint"] = getattr(doc_ds, "_fingerprint", None)
-        metadata["source"] = f"hf://{hub_repo}"
-        metadata["revision"] = revision or "main"
-        metadata["examples_fingerprint"] = getattr(ex_ds, "_fingerprint", None)
+        queries, qrels, excluded, corpus = _load_hub(task, hub, corpus_override, metadata)
     t = RetrievalTask(
         name=task, corpus=corpus, queries=queries, qrels=qrels, excluded_ids=excluded,
-        instruction=instruction, benchmark="bright", metadata=metadata,
+        instruction=BRIGHT_INSTRUCTIONS[task], benchmark="bright", metadata=metadata,
     )
     return validate_task(t, require_corpus=require_corpus, source=metadata["source"])
+
+
+def _load_folder(
+    task: str, folder: Path, documents_file: str | Path | None, corpus_override: Corpus | None, require_corpus: bool
+) -> RetrievalTask:
+    """Source 1 of :func:`load_bright`: a folder in the shared layout, its corpus optionally from ``documents_file``."""
+    if not (folder / "queries.jsonl").is_file() and (folder / task).is_dir():
+        folder = folder / task
+    # The folder's own corpus.jsonl is required only when no documents_file supplies the corpus.
+    t = load_beir_folder(
+        folder, name=task, instruction=BRIGHT_INSTRUCTIONS[task], benchmark="bright", title_mode="none",
+        require_corpus=require_corpus and corpus_override is None,
+    )
+    _check_gold_matches_qrels(t, folder / "queries.jsonl")
+    if corpus_override is not None:
+        t.corpus = corpus_override
+        t.metadata["files"]["documents"] = sha256_file(documents_file)
+        t.metadata["revision"] = files_revision(t.metadata["files"])
+        t = validate_task(t, require_corpus=require_corpus, source=str(folder))
+    return t
+
+
+def _load_example_files(
+    examples_file: str | Path, documents_file: str | Path | None, metadata: dict[str, Any]
+) -> tuple[Queries, dict[str, dict[str, int]], dict[str, list[str]]]:
+    """Source 2 of :func:`load_bright`: hub-shaped row files; their sha256s are the revision, in ``metadata``."""
+    queries, qrels, excluded = parse_bright_examples(read_rows(examples_file), str(examples_file))
+    metadata["source"] = str(examples_file)
+    metadata["files"] = {"examples": sha256_file(examples_file)}
+    if documents_file is not None:
+        metadata["files"]["documents"] = sha256_file(documents_file)
+    metadata["revision"] = files_revision(metadata["files"])
+    return queries, qrels, excluded
+
+
+def _load_hub(
+    task: str, hub: HubOptions, corpus_override: Corpus | None, metadata: dict[str, Any]
+) -> tuple[Queries, dict[str, dict[str, int]], dict[str, list[str]], Corpus]:
+    """Source 3 of :func:`load_bright`: the hub; the datasets' fingerprints go into ``metadata``."""
+    repo, split = hub.repo or BRIGHT_HUB_REPO, metadata["query_split"]
+    ex_ds = load_hf_dataset(repo, split, task, hub.revision, hub.cache_dir)
+    queries, qrels, excluded = parse_bright_examples(ex_ds, f"{repo}:{split}/{task}")
+    if corpus_override is not None:
+        corpus = corpus_override
+    else:
+        doc_ds = load_hf_dataset(repo, "documents", task, hub.revision, hub.cache_dir)
+        corpus = parse_bright_documents(doc_ds, f"{repo}:documents/{task}")
+        metadata["documents_fingerprint"] = getattr(doc_ds, "_fingerprint", None)
+    metadata["source"] = f"hf://{repo}"
+    metadata["revision"] = hub.revision or "main"
+    metadata["examples_fingerprint"] = getattr(ex_ds, "_fingerprint", None)
+    return queries, qrels, excluded, corpus

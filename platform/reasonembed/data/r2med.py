@@ -7,9 +7,10 @@ Hub layout (one dataset per task, ``R2MED/<task>``), as read by MTEB's and FlagE
 
 Max length 512 and the per-task instructions below are those of ReasonEmbed's ``evaluation_r2med``. The length is
 stored as ``metadata["max_length"]``; ``reasonembed evaluate`` encodes the task at it even when the embedder is
-configured longer (``evaluation.pipeline.task_max_length`` gives the precedence). Revisions default to the ones MTEB pins, so numbers are reproducible; pass ``revision="main"`` for the
-latest. A local folder (``corpus.jsonl``, ``queries.jsonl`` or ``query.jsonl``, ``qrels.tsv``/``qrels.txt``) or
-hub-shaped row files (parquet/jsonl) work offline.
+configured longer (``evaluation.pipeline.task_max_length`` gives the precedence). Revisions default to the ones MTEB
+pins, so numbers are reproducible; pass ``hub=HubOptions(revision="main")`` for the latest. A local folder
+(``corpus.jsonl``, ``queries.jsonl`` or ``query.jsonl``, ``qrels.tsv``/``qrels.txt``) or hub-shaped row files
+(parquet/jsonl) work offline.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from reasonembed.data.readers import (
     require_text,
     sha256_file,
 )
-from reasonembed.data.types import Corpus, DataError, Queries, RetrievalTask, validate_task
+from reasonembed.data.types import Corpus, DataError, HubOptions, Queries, RetrievalTask, validate_task
 
 R2MED_TASKS: tuple[str, ...] = (
     "Biology", "Bioinformatics", "Medical-Sciences", "MedXpertQA-Exam",
@@ -58,6 +59,8 @@ R2MED_REVISIONS: dict[str, str] = {
 }
 
 R2MED_MAX_LENGTH = 512
+# The hub owner of the per-task datasets (``R2MED/<task>``).
+R2MED_HUB_OWNER = "R2MED"
 
 
 def _check_task(task: str) -> None:
@@ -114,15 +117,13 @@ def load_r2med(
     corpus_file: str | Path | None = None,
     query_file: str | Path | None = None,
     qrels_file: str | Path | None = None,
-    hub_org: str = "R2MED",
-    revision: str | None = None,
-    cache_dir: str | None = None,
+    hub: HubOptions | None = None,
 ) -> RetrievalTask:
     """Load one R2MED task as a validated ``RetrievalTask``.
 
     Sources, first match wins: ``data_dir`` (the task folder or a parent holding ``<task>/``); the three hub-shaped
-    row files (``corpus_file``, ``query_file``, ``qrels_file``: parquet or jsonl); the hub ``R2MED/<task>`` at
-    ``revision`` (default: MTEB's pinned revision).
+    row files (``corpus_file``, ``query_file``, ``qrels_file``: parquet or jsonl); the hub ``<hub.repo>/<task>``
+    (``hub``: :class:`~reasonembed.data.types.HubOptions`; default owner ``R2MED``, revision: MTEB's pinned one).
     """
     _check_task(task)
     instruction = R2MED_INSTRUCTIONS[task]
@@ -133,30 +134,44 @@ def load_r2med(
         t = load_beir_folder(folder, name=task, instruction=instruction, benchmark="r2med", title_mode="none")
         t.metadata["max_length"] = R2MED_MAX_LENGTH
         return t
-
-    files = {"corpus": corpus_file, "query": query_file, "qrels": qrels_file}
-    given = [k for k, v in files.items() if v is not None]
     metadata: dict[str, Any] = {"max_length": R2MED_MAX_LENGTH}
-    if given:
-        if len(given) != 3:
-            missing = sorted(set(files) - set(given))
-            raise DataError(f"R2MED {task}: row files for {missing} not given; pass corpus_file, query_file, qrels_file")
-        corpus = parse_r2med_corpus(read_rows(corpus_file), str(corpus_file))
-        queries = parse_r2med_queries(read_rows(query_file), str(query_file))
-        qrels = parse_r2med_qrels(read_rows(qrels_file), str(qrels_file))
-        metadata["files"] = {k: sha256_file(v) for k, v in files.items()}
-        metadata["source"] = str(Path(corpus_file).parent)
-        metadata["revision"] = files_revision(metadata["files"])
+    files = {"corpus": corpus_file, "query": query_file, "qrels": qrels_file}
+    if any(v is not None for v in files.values()):
+        corpus, queries, qrels = _load_row_files(task, files, metadata)
     else:
-        repo = f"{hub_org}/{task}"
-        rev = revision or R2MED_REVISIONS[task]
-        corpus = parse_r2med_corpus(load_hf_dataset(repo, "corpus", "corpus", rev, cache_dir), f"{repo}:corpus")
-        queries = parse_r2med_queries(load_hf_dataset(repo, "query", "query", rev, cache_dir), f"{repo}:query")
-        qrels = parse_r2med_qrels(load_hf_dataset(repo, "qrels", "qrels", rev, cache_dir), f"{repo}:qrels")
-        metadata["source"] = f"hf://{repo}"
-        metadata["revision"] = rev
+        corpus, queries, qrels = _load_hub(task, hub or HubOptions(), metadata)
     t = RetrievalTask(
         name=task, corpus=corpus, queries=queries, qrels=qrels, instruction=instruction,
         benchmark="r2med", metadata=metadata,
     )
     return validate_task(t, source=metadata["source"])
+
+
+def _load_row_files(
+    task: str, files: dict[str, str | Path | None], metadata: dict[str, Any]
+) -> tuple[Corpus, Queries, dict[str, dict[str, int]]]:
+    """The three hub-shaped row files (all or none); their sha256s are the revision, recorded in ``metadata``."""
+    missing = sorted(k for k, v in files.items() if v is None)
+    if missing:
+        raise DataError(f"R2MED {task}: row files for {missing} not given; pass corpus_file, query_file, qrels_file")
+    corpus = parse_r2med_corpus(read_rows(files["corpus"]), str(files["corpus"]))
+    queries = parse_r2med_queries(read_rows(files["query"]), str(files["query"]))
+    qrels = parse_r2med_qrels(read_rows(files["qrels"]), str(files["qrels"]))
+    metadata["files"] = {k: sha256_file(v) for k, v in files.items()}
+    metadata["source"] = str(Path(files["corpus"]).parent)
+    metadata["revision"] = files_revision(metadata["files"])
+    return corpus, queries, qrels
+
+
+def _load_hub(
+    task: str, hub: HubOptions, metadata: dict[str, Any]
+) -> tuple[Corpus, Queries, dict[str, dict[str, int]]]:
+    """``<owner>/<task>`` from the hub at the pinned revision unless ``hub.revision`` names another."""
+    repo = f"{hub.repo or R2MED_HUB_OWNER}/{task}"
+    rev = hub.revision or R2MED_REVISIONS[task]
+    corpus = parse_r2med_corpus(load_hf_dataset(repo, "corpus", "corpus", rev, hub.cache_dir), f"{repo}:corpus")
+    queries = parse_r2med_queries(load_hf_dataset(repo, "query", "query", rev, hub.cache_dir), f"{repo}:query")
+    qrels = parse_r2med_qrels(load_hf_dataset(repo, "qrels", "qrels", rev, hub.cache_dir), f"{repo}:qrels")
+    metadata["source"] = f"hf://{repo}"
+    metadata["revision"] = rev
+    return corpus, queries, qrels

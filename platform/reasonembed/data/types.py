@@ -111,8 +111,34 @@ class RetrievalTask:
         }
 
 
+@dataclass(frozen=True)
+class HubOptions:
+    """Which Hugging Face hub copy a benchmark loader reads, when it reads the hub at all.
+
+    The three travel together from the caller to ``datasets.load_dataset`` and never affect local folders or row
+    files, so they are one argument instead of three on every loader.
+
+    Attributes:
+        repo: the hub dataset id (BRIGHT: default ``xlangai/BRIGHT``) or, for benchmarks with one dataset per task,
+            the owner they live under (R2MED: default ``R2MED``, read as ``R2MED/<task>``). None: the loader's
+            default.
+        revision: dataset revision (branch, tag or commit). None: the loader's default (BRIGHT: ``main``; R2MED:
+            the revision MTEB pins, so numbers are reproducible).
+        cache_dir: ``datasets`` cache folder. None: its default.
+    """
+
+    repo: str | None = None
+    revision: str | None = None
+    cache_dir: str | None = None
+
+
 def _duplicates(ids: list[str]) -> list[str]:
     return [i for i, c in Counter(ids).items() if c > 1]
+
+
+# ``_warn`` runs inside one of validate_task's step functions: 1 = _warn, 2 = the step, 3 = validate_task, 4 = the
+# loader that called it, where the warning is attributed (as it was before the steps were split out).
+_WARN_STACKLEVEL = 4
 
 
 def _warn(task_name: str, counts: dict[str, int], key: str, n: int, message: str, examples: list[str]) -> None:
@@ -122,7 +148,7 @@ def _warn(task_name: str, counts: dict[str, int], key: str, n: int, message: str
     shown = ", ".join(repr(e) for e in examples[:5])
     text = f"{task_name}: {n} {message}" + (f" (e.g. {shown})" if shown else "")
     logger.warning(text)
-    warnings.warn(text, DataWarning, stacklevel=3)
+    warnings.warn(text, DataWarning, stacklevel=_WARN_STACKLEVEL)
 
 
 def validate_task(task: RetrievalTask, *, require_corpus: bool = True, source: str = "") -> RetrievalTask:
@@ -133,6 +159,17 @@ def validate_task(task: RetrievalTask, *, require_corpus: bool = True, source: s
     ``task.metadata["validation"]``.
     """
     where = f" in {source}" if source else ""
+    _check_structure(task, require_corpus, where)
+    counts: dict[str, int] = {}
+    _drop_unjudged_queries(task, counts, where)
+    _warn_defects(task, counts)
+    # merge: a task validated twice (a corpus added later) keeps what the first pass found and dropped
+    task.metadata.setdefault("validation", {}).update(counts)
+    return task
+
+
+def _check_structure(task: RetrievalTask, require_corpus: bool, where: str) -> None:
+    """The errors: no honest number can come out of a task with these (module docstring)."""
     name = task.name
     c, q = task.corpus, task.queries
     if len(c.ids) != len(c.texts) or (c.titles is not None and len(c.titles) != len(c.ids)):
@@ -155,7 +192,11 @@ def validate_task(task: RetrievalTask, *, require_corpus: bool = True, source: s
     if not task.qrels or not any(task.qrels.values()):
         raise DataError(f"{name}: there are no relevance judgements (qrels){where}; the task cannot be scored.")
 
-    counts: dict[str, int] = {}
+
+def _drop_unjudged_queries(task: RetrievalTask, counts: dict[str, int], where: str) -> None:
+    """Drop queries without judgements and qrels of unknown queries (BEIR/MTEB do the same), with counted warnings;
+    a task left with no judged query is an error, since its score would be made up of nothing."""
+    name, q = task.name, task.queries
     qid_set = set(q.ids)
     unjudged = [i for i in q.ids if not task.qrels.get(i)]
     _warn(name, counts, "queries_without_qrels", len(unjudged),
@@ -172,6 +213,10 @@ def validate_task(task: RetrievalTask, *, require_corpus: bool = True, source: s
     if not task.queries.ids:
         raise DataError(f"{name}: no query has relevance judgements{where}; check that qrels and queries use the same ids.")
 
+
+def _warn_defects(task: RetrievalTask, counts: dict[str, int]) -> None:
+    """The warnings evaluation can live with; each count explains part of the number (module docstring)."""
+    name, c = task.name, task.corpus
     no_rel = [k for k, v in task.qrels.items() if not any(r > 0 for r in v.values())]
     _warn(name, counts, "queries_without_relevant_docs", len(no_rel),
           "judged queries have no relevant document (they score 0 on every metric)", no_rel)
@@ -189,6 +234,3 @@ def validate_task(task: RetrievalTask, *, require_corpus: bool = True, source: s
     ]
     _warn(name, counts, "excluded_gold_ids", len(gold_excluded),
           "(query, doc) pairs are both excluded and relevant; the doc can never be ranked", gold_excluded)
-    # merge: a task validated twice (a corpus added later) keeps what the first pass found and dropped
-    task.metadata.setdefault("validation", {}).update(counts)
-    return task
