@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from reasonembed.remixer.generate import ERROR_SCHEMA as GEN_ERROR_SCHEMA
 from reasonembed.remixer.ids import row_content_hash
 from reasonembed.remixer.parsing import parse_score
 
@@ -109,8 +110,9 @@ def run_pipeline(out: Path, data: Path, overrides: list[str], kill_when: str | N
     tag = uuid.uuid4().hex
     env = {**os.environ, "REMIXER_TEST_TAG": tag, "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ADDRESS", None)  # the job starts its own local cluster
+    flags = [o for o in overrides if o.startswith("--")]  # before the positional overrides (argparse)
     cmd = [sys.executable, str(REPO / "jobs" / "synthesize.py"), "--config", str(CONFIG), "--data", str(data),
-           "--out", str(out), "--verbose", *MACHINERY, *overrides]
+           "--out", str(out), "--verbose", *flags, *MACHINERY, *[o for o in overrides if o not in flags]]
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         killed_with = actor_killed = None
@@ -145,6 +147,11 @@ def parts(folder: Path) -> pa.Table:
     """A stage's part files only (``pq.read_table(folder)`` would also read the errors/ sub-folder)."""
     tables = [pq.read_table(f) for f in sorted(folder.glob("part-*.parquet"))]
     return pa.concat_tables(tables) if tables else pa.table({})
+
+
+def error_rows(folder: Path) -> list[dict]:
+    """A stage's error rows (none when its errors/ folder is absent or empty)."""
+    return [r for f in sorted((folder / "errors").glob("part-*.parquet")) for r in pq.read_table(f).to_pylist()]
 
 
 def stage_rows(root: Path, stage: str) -> dict[str, str]:
@@ -251,6 +258,16 @@ def test_killed_driver_and_actor_then_resumed_equals_uninterrupted(reference_run
     syn = out / "local-tiny" / "synthesize"
     # killed inside the stage: the generate stage has parts but no manifest yet
     assert not (syn / "generate" / "_manifest.json").exists()
+    # An interrupted attempt's error rows for a shard the kill left unfinished: the resumed run's commit of that
+    # shard must replace them, not add to them.
+    done = {p.stem[len("part-"):] for p in (syn / "generate").glob("part-*.parquet")}
+    unfinished = sorted({f"scifact-{k:05d}" for k in range(3)} - done)
+    assert unfinished, f"the kill came after every generate shard was committed ({sorted(done)})"
+    (syn / "generate" / "errors").mkdir(exist_ok=True)
+    pq.write_table(pa.Table.from_pylist([{"row_id": "stale-row", "domain": "scifact", "source_doc_id": "x",
+                                          "shard": unfinished[0], "reason": "engine_error", "detail": "planted",
+                                          "raw_text": ""}], schema=GEN_ERROR_SCHEMA),
+                   syn / "generate" / "errors" / f"part-{unfinished[0]}.parquet")
     # Second fault, in the resumed run: SIGKILL the vLLM actor while it is generating annotations (its engine has
     # logged throughput). Ray restarts the actor and retries its batches; the driver ignores repeated rows.
     second = run_pipeline(out, tiny_data, [], kill_actor_after=["synthesize/annotate:", "shards to generate",
@@ -263,6 +280,9 @@ def test_killed_driver_and_actor_then_resumed_equals_uninterrupted(reference_run
     # "synthesize/annotate:" is Ray restarting the killed actor.
     assert annotate_part.count("init engine (profile") >= 1, "the killed actor was not restarted mid-stage"
     assert final["stages"]["generate"]["shards_done_before"] >= 1  # resumed, not redone
+    gen = json.loads((syn / "generate" / "_manifest.json").read_text())
+    assert "stale-row" not in [e["row_id"] for e in error_rows(syn / "generate")]
+    assert gen["rows_out"] + gen["rows_error"] == gen["rows_in"]
     for stage in STAGE_KEYS:
         got, want = stage_rows(out, stage), stage_rows(ref_out, stage)
         assert got.keys() == want.keys(), f"{stage}: different row ids after kill and resume"
@@ -274,18 +294,53 @@ def test_killed_driver_and_actor_then_resumed_equals_uninterrupted(reference_run
     assert final["samples"] == ref["samples"]
 
 
+def _plant_engine_error(gen: Path) -> tuple[str, str]:
+    """Move one generated query of a generate shard into its error rows as an ``engine_error`` (what a transient
+    engine failure leaves); returns (shard, gen_id)."""
+    for part_file in sorted(gen.glob("part-*.parquet")):
+        part = pq.read_table(part_file)
+        if part.num_rows:
+            break
+    shard = part_file.stem[len("part-"):]
+    row = part.slice(0, 1).to_pylist()[0]
+    pq.write_table(part.slice(1), part_file)
+    err_file = gen / "errors" / part_file.name
+    errors = pq.read_table(err_file).to_pylist() if err_file.exists() else []
+    errors.append({"row_id": row["gen_id"], "domain": row["domain"], "source_doc_id": row["source_doc_id"],
+                   "shard": shard, "reason": "engine_error", "detail": "planted", "raw_text": ""})
+    err_file.parent.mkdir(exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(sorted(errors, key=lambda e: e["row_id"]), schema=GEN_ERROR_SCHEMA), err_file)
+    return shard, row["gen_id"]
+
+
 def test_free_text_annotation_errors_are_rows(reference_run, tiny_data, tmp_path):
     """The paper's path (no structured output) on the random tiny model: real outputs through the strict parser.
-    A short context also sends long prompts to the prompt_too_long pre-filter instead of the engine."""
+    A short context also sends long prompts to the prompt_too_long pre-filter instead of the engine.
+
+    The same run retries errors (--retry-errors): a generate row planted as a transient engine error comes back
+    through vLLM exactly once, and the stages downstream of generate redo only its shard."""
     ref_out, _ = reference_run
     out = tmp_path / "free"
     shutil.copytree(ref_out / "local-tiny", out / "local-tiny")
+    ref_syn = ref_out / "local-tiny" / "synthesize"
+    ref_gen_errors = sorted(e["row_id"] for e in error_rows(ref_syn / "generate"))
+    shard, planted = _plant_engine_error(out / "local-tiny" / "synthesize" / "generate")
     res = run_pipeline(out, tiny_data, ["annotator.structured_output=null",  # per-stage engine path too
-                             "annotator.max_model_len=1024", "overwrite=true", "share_engines=false"])
+                             "annotator.max_model_len=1024", "overwrite=true", "share_engines=false",
+                             "--retry-errors"])
     s = res["summary"]
-    assert {"prepare", "generate", "reason", "mine"} <= set(s["skipped_stages"])
-    assert "annotate" not in s["skipped_stages"]
+    assert "prepare" in s["skipped_stages"] and "annotate" not in s["skipped_stages"]
+    # Retry: the planted row recovered, the reference's real errors failed again (seeded sampling), no duplicate.
     syn = out / "local-tiny" / "synthesize"
+    gm = json.loads((syn / "generate" / "_manifest.json").read_text())
+    assert gm["extra"]["rows_retried"] == 1 + len(ref_gen_errors) and gm["extra"]["rows_recovered"] == 1
+    assert gm["rows_out"] + gm["rows_error"] == gm["rows_in"] and gm["extra"]["lineage"][-1]["shards"] == [shard]
+    assert sorted(e["row_id"] for e in error_rows(syn / "generate")) == ref_gen_errors
+    assert planted in stage_rows(out, "generate") and not (syn / "generate" / "retry").exists()
+    # Downstream: only the retried shard is redone, and every row equals the uninterrupted reference run's.
+    assert s["redone_shards"]["reason"] == [shard] and s["redone_shards"]["mine"] == [shard]
+    for stage in ("generate", "reason", "mine"):
+        assert stage_rows(out, stage) == stage_rows(ref_out, stage), f"{stage}: rows differ after the retry"
     ann = json.loads((syn / "annotate" / "_manifest.json").read_text())
     errors = pq.read_table(syn / "annotate" / "errors").to_pylist()
     scored = parts(syn / "annotate").num_rows

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pytest
 
 from reasonembed.config.base import ConfigError, load_model
-from reasonembed.config.synthesize import SynthesizeJobConfig
+from reasonembed.config.synthesize import MineConfig, SynthesizeJobConfig
 from reasonembed.remixer import format as format_stage
 from reasonembed.remixer import prepare
 from reasonembed.remixer.context import Context
@@ -143,16 +143,40 @@ def test_unique_queries_keeps_smallest_gen_id():
     assert u["query_id"].to_pylist() == ["a", "b", "c"] and u["gen_id"].to_pylist() == ["g1", "g2", "g3"]
 
 
+def _mine_cfg(**kw) -> MineConfig:
+    return MineConfig(**{"search_top_k": 6, "keep": 4, **kw})
+
+
 def test_select_candidates_removes_source_and_pads_deterministically():
     hits = [("src", 0.99), ("d1", 0.9), ("d2", 0.8)]
     pool = ["d1", "d2", "d3", "d4", "d5", "src"]
-    ids, scores, n_pad = select_candidates(hits, "src", pool, keep=4, pad=True, seed=42, query_id="q1")
+    ids, scores, n_pad = select_candidates(hits, "src", pool, _mine_cfg(), seed=42, query_id="q1")
     assert "src" not in ids and ids[:2] == ["d1", "d2"] and n_pad == 2 and len(set(ids)) == 4
     assert scores[:2] == [0.9, 0.8] and scores[2:] == [None, None]
-    assert select_candidates(hits, "src", pool, 4, True, 42, "q1") == (ids, scores, n_pad)
-    assert select_candidates(hits, "src", pool, 4, False, 42, "q1")[0] == ["d1", "d2"]
+    assert select_candidates(hits, "src", pool, _mine_cfg(), 42, "q1") == (ids, scores, n_pad)
+    assert select_candidates(hits, "src", pool, _mine_cfg(pad_random=False), 42, "q1")[0] == ["d1", "d2"]
     assert format_query("Instruct: {task}\nQuery: {query}", "Find X.", "q") == "Instruct: Find X.\nQuery: q"
     assert format_query("Instruct: {task}\nQuery: {query}", None, "q") == "q"
+
+
+def test_select_candidates_follows_the_reference_order():
+    """Reference: the top `keep` hits, minus the source, refilled at random from the rest of the top search_top_k
+    (not the next best hit); skip_source (the other order) takes the next best hit instead."""
+    hits = [("d1", 0.9), ("src", 0.85), ("d2", 0.8), ("d3", 0.7), ("d4", 0.6), ("d5", 0.5), ("d6", 0.4)]
+    pool = [d for d, _ in hits] + ["p1", "p2"]
+    assert MineConfig().selection == "reference"
+    drawn = set()
+    for q in range(20):
+        ids, scores, n_pad = select_candidates(hits, "src", pool, _mine_cfg(), seed=42, query_id=f"q{q}")
+        assert ids[:3] == ["d1", "d2", "d3"] and n_pad == 1 and ids[3] in {"d4", "d5"}  # d6 is past search_top_k
+        assert scores[3] == dict(hits)[ids[3]]  # a retrieved hit keeps its score
+        drawn.add(ids[3])
+    assert drawn == {"d4", "d5"}, "the refill is a seeded random draw from the rest, not the next best hit"
+    ids, _, n_pad = select_candidates(hits, "src", pool, _mine_cfg(selection="skip_source"), 42, "q0")
+    assert ids == ["d1", "d2", "d3", "d4"] and n_pad == 0
+    # the source below the top `keep`: nothing to refill, the top `keep` hits are the candidates
+    low = [("d1", 0.9), ("d2", 0.8), ("d3", 0.7), ("d4", 0.6), ("src", 0.5)]
+    assert select_candidates(low, "src", pool, _mine_cfg(), 42, "q0")[:3:2] == (["d1", "d2", "d3", "d4"], 0)
 
 
 def test_build_sample_splits_by_threshold():
@@ -201,6 +225,7 @@ def test_defaults_are_the_papers():
     assert (c.format.pos_min_score, c.format.neg_max_score) == (3, 2)
     assert c.annotator.chat_template_kwargs == {"enable_thinking": False}
     assert c.annotator.sampling.max_tokens == 2048 and c.mine.embedder.max_length == 8192
+    assert c.mine.selection == "reference" and (c.mine.search_top_k, c.mine.keep) == (1000, 100)
 
 
 def _fields(model) -> list:
@@ -302,6 +327,25 @@ def test_prepare_decontaminates_dedups_and_keeps_bad_rows(mixed_corpus, tmp_path
     # shards: fixed-size chunks of the doc-id-sorted sample
     assert sorted(ctx.stage("prepare").done_shards()) == [f"biology-{k:05d}" for k in range(5)]
     assert sources["doc_id"].to_pylist() == sorted(src_ids)
+
+
+def test_prepare_gold_copy_under_another_id_is_decontaminated(mixed_corpus, tmp_path, data_dir):
+    """Dedup keeps the smallest id of identical texts; a non-gold copy of a gold text (a smaller id) must not
+    survive it as a source or in the mining pool: gold is checked by text as well as by id."""
+    corpus, gold = mixed_corpus
+    lines = (corpus / "corpus.jsonl").read_text().splitlines()
+    gold_doc = next(json.loads(x) for x in lines if x.startswith("{") and json.loads(x).get("id") == gold[0])
+    copy_id = "0000-copy-of-gold"
+    assert copy_id < gold[0]
+    lines.append(json.dumps({"id": copy_id, "text": gold_doc["text"]}))
+    (corpus / "corpus.jsonl").write_text("\n".join(lines) + "\n")
+    ctx = Context.open(_prep_cfg(corpus, tmp_path / "runs", data_dir))
+    fields = prepare.run(ctx, "h-gold-copy")
+    sources = set(ctx.stage("prepare").read_parts()["doc_id"].to_pylist())
+    pool = set(ctx.stage("pool").read_parts()["doc_id"].to_pylist())
+    assert copy_id not in sources, "a copy of a gold document became a source"
+    assert copy_id not in pool and gold[0] not in pool, "a copy of a gold document is in the mining pool"
+    assert fields["extra"]["contaminated_by_text"] == 1 and fields["extra"]["contaminated"] == 11
 
 
 def test_prepare_sampling_is_seeded(mixed_corpus, tmp_path, data_dir):

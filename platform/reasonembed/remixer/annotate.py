@@ -25,7 +25,7 @@ from reasonembed.config.synthesize import AnnotateConfig
 from reasonembed.remixer.context import Context
 from reasonembed.remixer.generate import engine_identity, final_queries
 from reasonembed.remixer.ids import content_hash, stage_hash
-from reasonembed.remixer.llm_stage import LLMStageStats, error_table, parse_failures, run_llm_shards
+from reasonembed.remixer.llm_stage import LLMStageStats, LLMTask, error_table, parse_failures, run_llm_shards
 from reasonembed.remixer.parsing import parse_score
 from reasonembed.remixer.prompts import DomainProfile, annotation_prompt
 
@@ -114,10 +114,12 @@ def run(ctx: Context, h: str) -> tuple[dict, LLMStageStats]:
     stage = ctx.stage("annotate")
     pairs = pair_rows(ctx)
     shards = sorted(ctx.stage("prepare").done_shards())
-    stats = run_llm_shards(stage, pairs, shards, ctx.cfg.annotator, AnnotationMessages(ctx.profiles, ctx.cfg.annotate.prompt),
-                           ScoreParser(ctx.cfg.annotate), id_column="pair_id",
-                           keep_columns=["query_id", "doc_id", "rank", "domain", "shard"],
-                           batch_invariant=ctx.cfg.batch_invariant, engines=ctx.engines)
+    task = LLMTask(ctx.cfg.annotator, AnnotationMessages(ctx.profiles, ctx.cfg.annotate.prompt),
+                   ScoreParser(ctx.cfg.annotate), id_column="pair_id",
+                   keep_columns=["query_id", "doc_id", "rank", "domain", "shard"], part_id="pair_id",
+                   error_id="pair_id")
+    stats = run_llm_shards(stage, pairs, shards, task, batch_invariant=ctx.cfg.batch_invariant,
+                           engines=ctx.engines, retry_errors=ctx.cfg.retry_errors)
     out, errors = stage.read_parts(), stage.read_errors()
     hist = Counter(out["score"].to_pylist()) if out.num_rows else Counter()
     total_tokens = int(pc.sum(out["num_generated_tokens"]).as_py() or 0) if out.num_rows else 0

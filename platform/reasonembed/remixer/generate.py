@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 from reasonembed.config.llm import LLMEngineConfig
 from reasonembed.remixer.context import Context
 from reasonembed.remixer.ids import content_hash, row_rng, stage_hash, weighted_pick
-from reasonembed.remixer.llm_stage import LLMStageStats, error_table, parse_failures, run_llm_shards
+from reasonembed.remixer.llm_stage import LLMStageStats, LLMTask, error_table, parse_failures, run_llm_shards
 from reasonembed.remixer.parsing import parse_query
 from reasonembed.remixer.prompts import DomainProfile, generation_prompt, reasoning_prompt
 
@@ -157,12 +157,13 @@ def run_generate(ctx: Context, h: str) -> tuple[dict, LLMStageStats]:
     requests = generation_requests(ctx, sources) if sources.num_rows else None
     if requests is None:
         raise RuntimeError("generate: the prepare stage sampled no source documents (see its manifest)")
-    stats = run_llm_shards(stage, requests, shards, ctx.cfg.generator,
-                           GenerationMessages(ctx.profiles, ctx.cfg.generate.language, ctx.cfg.generate.prompt),
-                           QueryParser(ctx.profiles, _post_generate),
-                           id_column="gen_id",
-                           keep_columns=["domain", "source_doc_id", "shard", "length", "education"],
-                           batch_invariant=ctx.cfg.batch_invariant, engines=ctx.engines)
+    task = LLMTask(ctx.cfg.generator,
+                   GenerationMessages(ctx.profiles, ctx.cfg.generate.language, ctx.cfg.generate.prompt),
+                   QueryParser(ctx.profiles, _post_generate), id_column="gen_id",
+                   keep_columns=["domain", "source_doc_id", "shard", "length", "education"],
+                   part_id="gen_id", error_id="row_id")
+    stats = run_llm_shards(stage, requests, shards, task, batch_invariant=ctx.cfg.batch_invariant,
+                           engines=ctx.engines, retry_errors=ctx.cfg.retry_errors)
     out, errors = stage.read_parts(), stage.read_errors()
     _, dups = unique_queries(out)
     fields = {"rows_in": requests.num_rows, "rows_out": out.num_rows, "rows_error": errors.num_rows,
@@ -196,11 +197,11 @@ def run_reason(ctx: Context, h: str) -> tuple[dict, LLMStageStats]:
     queries, _ = unique_queries(ctx.stage("generate").read_parts())
     shards = sorted(ctx.stage("prepare").done_shards())
     rows = queries.select(["query_id", "domain", "source_doc_id", "shard", "query"])
-    stats = run_llm_shards(stage, rows, shards, reason_engine(ctx),
-                           ReasoningMessages(ctx.profiles, ctx.cfg.reasoning.prompt),
-                           QueryParser(ctx.profiles, _post_reason),
-                           id_column="query_id", keep_columns=["domain", "source_doc_id", "shard"],
-                           batch_invariant=ctx.cfg.batch_invariant, engines=ctx.engines)
+    task = LLMTask(reason_engine(ctx), ReasoningMessages(ctx.profiles, ctx.cfg.reasoning.prompt),
+                   QueryParser(ctx.profiles, _post_reason), id_column="query_id",
+                   keep_columns=["domain", "source_doc_id", "shard"], part_id="query_id", error_id="row_id")
+    stats = run_llm_shards(stage, rows, shards, task, batch_invariant=ctx.cfg.batch_invariant,
+                           engines=ctx.engines, retry_errors=ctx.cfg.retry_errors)
     out, errors = stage.read_parts(), stage.read_errors()
     fields = {"rows_in": rows.num_rows, "rows_out": out.num_rows, "rows_error": errors.num_rows,
               "errors_by_reason": _reasons(errors),

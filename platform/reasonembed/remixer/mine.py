@@ -1,17 +1,25 @@
-"""Stage 2, candidate mining (triviality elimination; SPEC.md section 1, stage 2).
+"""Stage 2, candidate mining (triviality elimination; the ReasonEmbed paper's stage 2).
 
 For each domain: the mining pool (whole domain corpus after dedup/decontamination) and the queries are encoded by
 the platform's batch encoder (``reasonembed.index.encode``: a Ray Data actor pool of ``Embedder``s, resumable by
-shard) and searched with the platform's FAISS index (``SearchIndex``, exact inner product by default):
+shard) and searched with the platform's FAISS index (``SearchIndex``, exact inner product by default). Candidates
+per query (``mine.selection``):
 
-    hits = top-``search_top_k`` over the pool, minus the query's source document  (the source is never a candidate)
-    candidates = hits[:keep]  (+ random pool documents, seeded by the query id, when fewer than ``keep`` remain)
+- ``reference`` (default, the paper's reference procedure): hits = top-``search_top_k`` over the pool; take
+  hits[:keep], remove the query's source document, then fill the list back to ``keep`` with documents drawn at
+  random (seeded by the query id) from the rest of the hits, hits[keep:];
+- ``skip_source``: remove the source from the hits first, then take the first ``keep`` (no random draw while hits
+  last).
+Either way the source is never a candidate, and when the hits run out (a small pool) ``pad_random`` pads with random
+pool documents.
 
 Queries are encoded as ``query_format.format(task=<domain retrieval instruction>, query=q)`` (gte-Qwen2 /
 ReasonEmbed format, the same as ``Embedder.format_queries``); documents get no instruction.
 
 Output ``synthesize/mine/part-<shard>.parquet``: ``query_id, domain, shard, source_doc_id, candidate_ids,
-candidate_scores`` (null for padded ones), ``n_retrieved, n_padded``. One part per source shard.
+candidate_scores`` (the retrieval score; null for pool padding), ``n_retrieved`` (candidates from the top ``keep``
+hits) and ``n_padded`` (candidates drawn at random: from the rest of the hits, then the pool). One part per source
+shard.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from reasonembed.config.encode import CorpusSource, EncodeJobConfig, IndexConfig
+from reasonembed.config.synthesize import MineConfig
 from reasonembed.remixer.context import Context
 from reasonembed.remixer.generate import final_queries
 from reasonembed.remixer.ids import row_rng, stage_hash
@@ -46,8 +55,8 @@ def hash_mine(ctx: Context, upstream: str) -> str:
 def _encode(ctx: Context, name: str, source_tag: str, ids: list[str], texts: list[str]):
     """Encode texts through ``reasonembed.index.encode`` into ``synthesize/<name>``; returns (ids, embeddings, summary).
 
-    ``source_tag`` (upstream hash) goes into the encode stage's config hash, so new upstream rows never reuse
-    stale embeddings.
+    ``source_tag`` (upstream hash and output fingerprint) goes into the encode stage's config hash, so new upstream
+    rows never reuse stale embeddings.
     """
     from reasonembed.index.encode import load_embeddings
     from reasonembed.index.encode import run as encode_run
@@ -69,7 +78,9 @@ def _encode(ctx: Context, name: str, source_tag: str, ids: list[str], texts: lis
         # build=True also for queries: encode.run learns the embedding dimension from its index probe (with
         # build=False it writes parts with dimension 0 and fails; reported to the lead).
         engine=cfg.mine.engine, index=IndexConfig(build=True, kind="flat"), stage=f"synthesize/{name}",
-        overwrite=cfg.overwrite,
+        # These encode stages are mine's private caches, keyed by source_tag: one started for other rows is stale
+        # and discarded (mine itself only runs after its own reuse/refusal checks passed).
+        overwrite=True,
     )
     summary = encode_run(enc_cfg, dataset_builder=build, n_rows=len(ids))
     got_ids, emb = load_embeddings(ctx.run.stage(f"synthesize/{name}"))
@@ -87,24 +98,32 @@ def format_query(template: str, instruction: str | None, query: str) -> str:
 
 
 def select_candidates(
-    hits: list[tuple[str, float]], source: str, pool_ids: list[str], keep: int, pad: bool, seed: int, query_id: str
+    hits: list[tuple[str, float]], source: str, pool_ids: list[str], m: MineConfig, seed: int, query_id: str
 ) -> tuple[list[str], list[float | None], int]:
-    """First ``keep`` hits that are not the source, padded with seeded random pool documents.
+    """A query's ``m.keep`` candidates from its hits (best first; ``search_top_k`` + 1 of them, so that removing the
+    source still leaves ``search_top_k``), by ``m.selection`` (module docstring), padded from the pool when the hits
+    run out and ``m.pad_random``.
 
-    Returns (candidate ids, scores with None for padded ones, number padded).
+    Returns (candidate ids, scores with None for pool padding, number drawn at random).
     """
-    cand = [(d, s) for d, s in hits if d != source][:keep]
+    if m.selection == "reference":
+        ranked = hits[:m.search_top_k]  # the source counts among the top search_top_k, as in the reference
+        cand = [(d, s) for d, s in ranked[:m.keep] if d != source]
+        rest = [(d, s) for d, s in ranked[m.keep:] if d != source]
+        n_top = len(cand)
+        cand += row_rng(seed, "rest", query_id).sample(rest, min(m.keep - n_top, len(rest)))
+    else:
+        cand = [(d, s) for d, s in hits if d != source][:min(m.keep, m.search_top_k)]
+        n_top = len(cand)
     ids = [d for d, _ in cand]
     scores: list[float | None] = [float(s) for _, s in cand]
-    n_pad = 0
-    if pad and len(ids) < keep:
+    if m.pad_random and len(ids) < m.keep:
         taken = set(ids) | {source}
-        rest = [d for d in pool_ids if d not in taken]
-        extra = row_rng(seed, "pad", query_id).sample(rest, min(keep - len(ids), len(rest)))
+        rest_pool = [d for d in pool_ids if d not in taken]
+        extra = row_rng(seed, "pad", query_id).sample(rest_pool, min(m.keep - len(ids), len(rest_pool)))
         ids += extra
         scores += [None] * len(extra)
-        n_pad = len(extra)
-    return ids, scores, n_pad
+    return ids, scores, len(ids) - n_top
 
 
 def run(ctx: Context, h: str) -> dict:
@@ -129,28 +148,27 @@ def run(ctx: Context, h: str) -> dict:
         # depend on where an earlier run stopped.
         q = queries.filter(pc.equal(queries["domain"], domain))
         if q.num_rows and len(pool_ids):
-            # Encode stages are keyed by what they encode (pool: prepare's hash; queries: their stage's hash) plus
-            # the embedder, so changing e.g. mine.keep reuses the embeddings.
-            _, s1 = _encode(ctx, f"mine_pool/{domain}", ctx.hashes["prepare"], pool_ids, pool_t["text"].to_pylist())
+            # Encode stages are keyed by what they encode (pool: prepare's hash and the pool's output; queries:
+            # their stages' hashes and outputs) plus the embedder, so changing e.g. mine.keep reuses the embeddings
+            # while a redone or retried upstream (new rows, same config) re-encodes.
+            pool_tag = f"{ctx.hashes['prepare']}:{pool.output_fingerprint()}"
+            _, s1 = _encode(ctx, f"mine_pool/{domain}", pool_tag, pool_ids, pool_t["text"].to_pylist())
             instr = m.embedder.query_instruction or ctx.profiles[domain].retrieval_instruction
             texts = [format_query(m.embedder.query_format, instr, x) for x in q["query"].to_pylist()]
-            q_tag = ctx.hashes.get("reason") or ctx.hashes["generate"]
+            q_tag = ":".join([ctx.hashes.get("reason") or ctx.hashes["generate"], *_query_outputs(ctx)])
             q_emb, s2 = _encode(ctx, f"mine_queries/{domain}", f"{q_tag}:{instr}", q["query_id"].to_pylist(), texts)
             encode_stats[domain] = {"pool": _summary(s1), "queries": _summary(s2)}
             # The encode job's own FAISS index over the pool (exact inner product, IndexFlatIP).
             index = SearchIndex.load(s1.index_uri, cfg.storage)
-            sources = q["source_doc_id"].to_pylist()
-            # Retrieve one extra hit so that removing the source still leaves search_top_k.
+            # One extra hit, so that skip_source still has search_top_k after removing the source.
             hits = index.search(q_emb, min(m.search_top_k + 1, len(pool_ids)), excluded=None)
-            hits = [[x for x in hs if x[0] != src][:m.search_top_k] for hs, src in zip(hits, sources, strict=True)]
         else:
             hits = [[] for _ in range(q.num_rows)]
         rows_by_shard: dict[str, list[dict]] = {s: [] for s in dom_shards}
         for r, hs in zip(q.to_pylist(), hits, strict=True):
             if r["shard"] not in rows_by_shard:
                 continue
-            ids, scores, n_pad = select_candidates(hs, r["source_doc_id"], pool_ids, m.keep, m.pad_random, cfg.seed,
-                                                   r["query_id"])
+            ids, scores, n_pad = select_candidates(hs, r["source_doc_id"], pool_ids, m, cfg.seed, r["query_id"])
             rows_by_shard[r["shard"]].append({
                 "query_id": r["query_id"], "domain": domain, "shard": r["shard"],
                 "source_doc_id": r["source_doc_id"], "candidate_ids": ids, "candidate_scores": scores,
@@ -166,6 +184,12 @@ def run(ctx: Context, h: str) -> dict:
             "extra": {"candidates": n_cand, "padded": n_pad, "queries_mined_this_run": n_queries,
                       "source_in_candidates": source_in_candidates(out), "encode": encode_stats,
                       "pool_sizes": {d: len(pool.read_table(pool.part_name(d))) for d in cfg.data.domains}}}
+
+
+def _query_outputs(ctx: Context) -> list[str]:
+    """Output fingerprints of the stages the queries come from (generate, and reason when enabled)."""
+    names = ["generate", "reason"] if ctx.cfg.reasoning.enabled else ["generate"]
+    return [ctx.stage(n).output_fingerprint() for n in names]
 
 
 def source_in_candidates(mine: pa.Table) -> int:

@@ -5,42 +5,187 @@ jobs/synthesize.py.
     (driver)   vLLM actors  vLLM actors    encoder actors    vLLM actors  (driver)
                                            + FAISS (driver)
 
-Each stage is skipped when its manifest matches its hash (``remixer.context``), otherwise it resumes by shard.
-Killing the driver (or an actor) at any point and re-running yields exactly the rows of an uninterrupted run:
-stage inputs are finished upstream stages, ids are content hashes, shards are committed atomically, and vLLM
-sampling is seeded per row (see ``remixer.llm_stage`` and ``remixer.ids``).
+Each stage is reused when its manifest matches its hash (``remixer.context``) *and* its inputs (:func:`stage_inputs`:
+the corpus and benchmark files for prepare, the model of an LLM stage or of the miner, and the output fingerprint of
+every upstream stage it reads) are unchanged; a stage whose inputs changed is refused with the list of changes
+(``overwrite`` redoes it, and then every stage downstream, whose upstream fingerprint changed with it). Otherwise a
+stage resumes by shard. Killing the driver (or an actor) at any point and re-running yields exactly the rows of an
+uninterrupted run: stage inputs are finished upstream stages, ids are content hashes, shards are committed
+atomically, and vLLM sampling is seeded per row (see ``remixer.llm_stage`` and ``remixer.ids``).
+
+``retry_errors`` re-sends the error rows of a finished LLM stage (``llm_stage``, module docstring). The retried stage
+records in its manifest's ``extra.lineage`` which shards' rows changed since each earlier output fingerprint, and a
+downstream stage whose only changed inputs are upstream stages with such a lineage redoes just those shards (their
+parts are deleted and the stage resumes) instead of being refused: the retry's new rows then reach the training
+samples without redoing the stages' other shards. The redo is itself recorded (manifest status ``partial`` with
+``extra.redo`` until it finishes), so a kill during it resumes it.
 """
 
 from __future__ import annotations
 
 import logging
+import posixpath
 import time
 from collections.abc import Callable
 from typing import Any
 
 from reasonembed.config.synthesize import SynthesizeJobConfig
+from reasonembed.input_fingerprint import model_input
 from reasonembed.llm.engine_pool import EnginePool
 from reasonembed.remixer import annotate, generate, mine, prepare, report
 from reasonembed.remixer import format as format_stage
 from reasonembed.remixer.context import Context
+from reasonembed.remixer.llm_stage import LLMStageStats, clear_retries
+from reasonembed.storage import STAGE_MARKER, StageDir
 
 log = logging.getLogger("reasonembed.remixer")
 
+# LLM stages whose error rows retry_errors re-sends.
+RETRYABLE = ("generate", "reason", "annotate")
+# The finished stages each stage reads; their output fingerprints are among its inputs.
+UPSTREAM: dict[str, tuple[str, ...]] = {
+    "prepare": (),
+    "generate": ("prepare",),
+    "reason": ("generate",),
+    "mine": ("pool", "generate", "reason"),
+    "annotate": ("pool", "mine", "generate", "reason"),
+    "format": ("pool", "mine", "annotate", "generate", "reason"),
+}
+
+
+def stage_inputs(ctx: Context, name: str) -> dict[str, str]:
+    """Fingerprints of what stage ``name`` reads (``reasonembed.input_fingerprint``): its own files or model, plus
+    ``upstream:<stage>`` -> that stage's output fingerprint, which changes whenever the upstream stage is redone."""
+    cfg = ctx.cfg
+    own: dict[str, Callable[[], dict[str, str]]] = {
+        "prepare": lambda: prepare.inputs_of(ctx),
+        "generate": lambda: model_input(cfg.generator.model),
+        "reason": lambda: model_input(generate.reason_engine(ctx).model),
+        "mine": lambda: model_input(cfg.mine.embedder.model),
+        "annotate": lambda: model_input(cfg.annotator.model),
+        "format": dict,
+    }
+    out = own[name]()
+    for up in UPSTREAM[name]:
+        if up != "reason" or cfg.reasoning.enabled:
+            out[f"upstream:{up}"] = ctx.stage(up).output_fingerprint()
+    return out
+
+
+def _recorded_inputs(stage: StageDir, h: str) -> dict[str, str] | None:
+    """The inputs the stage's current parts were made from under config ``h`` (its marker, else its manifest)."""
+    if stage.exists(STAGE_MARKER):
+        marker = stage.read_json(STAGE_MARKER)
+        return marker.get("inputs", {}) if marker.get("config_hash") == h else None
+    m = stage.read_manifest()
+    return m.inputs if m is not None and m.config_hash == h else None
+
+
+def _redo_plan(ctx: Context, stage: StageDir, h: str, inputs: dict[str, str]) -> dict | None:
+    """The shards to redo when the only changed inputs are upstream stages whose lineage names the shards they
+    changed since the fingerprint this stage recorded (module docstring); None when there is nothing to redo that
+    way (unchanged inputs, or changes only a full redo or a refusal can answer)."""
+    recorded = _recorded_inputs(stage, h)
+    if recorded is None:
+        return None
+    changed = [k for k in sorted(set(recorded) | set(inputs)) if recorded.get(k) != inputs.get(k)]
+    shards: set[str] = set()
+    for key in changed:
+        if not key.startswith("upstream:") or key not in recorded or key not in inputs:
+            return None
+        up = ctx.stage(key.split(":", 1)[1]).read_manifest()
+        lineage = up.extra.get("lineage", []) if up is not None else []
+        start = next((i for i, e in enumerate(lineage) if e["from"] == recorded[key]), None)
+        if start is None:
+            return None
+        for entry in lineage[start:]:
+            shards |= set(entry["shards"])
+    if not changed:
+        return None
+    m = stage.read_manifest()
+    if m is not None and m.status == "partial" and "redo" in m.extra:
+        prev = m.extra["redo"]
+        return {**prev, "shards": sorted(set(prev["shards"]) | shards)}
+    complete = m is not None and m.status == "complete"
+    return {"from": stage.output_fingerprint() if complete else None,
+            "lineage": m.extra.get("lineage", []) if complete else [], "shards": sorted(shards)}
+
+
+def _mark_partial(stage: StageDir, redo: dict) -> None:
+    """Record a redo or retry in progress: the manifest's status becomes ``partial`` (the stage is no longer
+    complete, so nothing downstream reuses it) and ``extra.redo`` keeps what its lineage needs."""
+    m = stage.read_manifest()
+    if m is not None:
+        stage.write_manifest(m.model_copy(update={"status": "partial", "extra": {**m.extra, "redo": redo}}))
+
+
+def _start_redo(stage: StageDir, redo: dict) -> None:
+    """Mark the redo, drop the parts and error rows of its shards, and forget the old inputs (``begin`` records the
+    new ones); every step is safe to repeat after a kill."""
+    _mark_partial(stage, redo)
+    for shard in redo["shards"]:
+        stage.delete(stage.part_name(shard))
+        stage.delete(posixpath.join("errors", stage.part_name(shard)))
+    clear_retries(stage, redo["shards"])
+    stage.delete(STAGE_MARKER)
+
+
+def _start_retry(stage: StageDir) -> dict:
+    """Mark a retry of a complete stage's error rows (``llm_stage``) and return its redo record."""
+    m = stage.read_manifest()
+    redo = {"from": stage.output_fingerprint(), "lineage": m.extra.get("lineage", []), "shards": []}
+    clear_retries(stage)  # leftovers of an earlier retry, applied and counted before its manifest was written
+    _mark_partial(stage, redo)
+    return redo
+
+
+def _prepare_stage(ctx: Context, name: str, h: str, inputs: dict[str, str]) -> tuple[bool, dict | None]:
+    """(skip, redo record) for a stage: reuse it, redo some shards, retry its error rows, or (re)run it."""
+    stage = ctx.stage(name)
+    redo = _redo_plan(ctx, stage, h, inputs)
+    if redo is not None:
+        log.info("synthesize/%s: upstream rows changed in shards %s: redoing them", name, redo["shards"])
+        _start_redo(stage, redo)
+        return False, redo
+    if stage.is_done(h, inputs, overwrite=ctx.cfg.overwrite):
+        if ctx.cfg.retry_errors and name in RETRYABLE and stage.list("errors", ".parquet"):
+            log.info("synthesize/%s: complete; retrying its error rows (retry_errors)", name)
+            return False, _start_retry(stage)
+        return True, None
+    m = stage.read_manifest()  # a redo or retry of this config killed midway: resume it
+    if m is not None and m.status == "partial" and m.config_hash == h and "redo" in m.extra:
+        return False, m.extra["redo"]
+    return False, None
+
 
 def _run_stage(ctx: Context, name: str, h: str, fn: Callable[[], Any]) -> dict[str, Any]:
-    """Skip a finished stage, else begin (or resume) it, run it and write its manifest."""
+    """Skip a finished stage, else begin (or resume, redo shards of, retry errors of) it, run it and write its
+    manifest."""
     stage = ctx.stage(name)
-    if stage.is_done(h):
-        log.info("synthesize/%s: complete with this config, skipped", name)
+    inputs = stage_inputs(ctx, name)
+    skip, redo = _prepare_stage(ctx, name, h, inputs)
+    if skip:
+        log.info("synthesize/%s: complete with this config and inputs, skipped", name)
         return {"skipped": True}
-    stage.begin(h, overwrite=ctx.cfg.overwrite)
+    stage.begin(h, overwrite=ctx.cfg.overwrite, inputs=inputs)
     t0 = time.time()
     out = fn()
-    fields = out[0] if isinstance(out, tuple) else out
+    fields, stats = (out[0], out[1]) if isinstance(out, tuple) else (out, None)
+    fields["extra"] = {**fields.get("extra", {}), "lineage": _lineage(redo, stats)}
     m = stage.write_manifest(config_hash=h, **fields)
+    clear_retries(stage)  # recorded in the manifest now
     log.info("synthesize/%s: %d in -> %d out, %d errors %s (%.1f s)", name, m.rows_in, m.rows_out, m.rows_error,
              m.errors_by_reason or "", time.time() - t0)
-    return {"skipped": False}
+    return {"skipped": False, "redone_shards": redo["shards"] if redo else None}
+
+
+def _lineage(redo: dict | None, stats: LLMStageStats | None) -> list[dict]:
+    """The stage's lineage: the previous one plus, after a redo or retry, the shards whose rows changed since the
+    output fingerprint it replaced."""
+    if redo is None or redo["from"] is None:
+        return []
+    shards = set(redo["shards"]) | set(stats.shards_changed if stats is not None else [])
+    return [*redo["lineage"], {"from": redo["from"], "shards": sorted(shards)}]
 
 
 def run(cfg: SynthesizeJobConfig) -> dict[str, Any]:
@@ -78,6 +223,7 @@ def run(cfg: SynthesizeJobConfig) -> dict[str, Any]:
             ctx.engines.close()
     summary = report.build(ctx)
     summary["skipped_stages"] = [k for k, v in ran.items() if v["skipped"]]
+    summary["redone_shards"] = {k: v["redone_shards"] for k, v in ran.items() if v.get("redone_shards")}
     summary["stage_hashes"] = dict(h)
     summary["engines"] = engines
     summary["wall_s"] = round(time.time() - t0, 2)

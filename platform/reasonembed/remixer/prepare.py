@@ -23,12 +23,20 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from reasonembed.config.llm import LLMEngineConfig, StructuredOutputConfig
+from reasonembed.input_fingerprint import files_fingerprint, model_input
 from reasonembed.remixer.context import Context
 from reasonembed.remixer.ids import row_rng, shard_name, stage_hash
-from reasonembed.remixer.llm_stage import error_table, run_llm_shards
+from reasonembed.remixer.llm_stage import LLMTask, error_table, run_llm_shards
 from reasonembed.remixer.parsing import parse_yes_no
 from reasonembed.remixer.prompts import DomainProfile, domain_filter_prompt
-from reasonembed.remixer.sources import contaminated_ids, read_domain
+from reasonembed.remixer.sources import (
+    DomainCorpus,
+    contaminated_ids,
+    decontamination_files,
+    domain_files,
+    read_domain,
+)
+from reasonembed.storage import StageDir
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +65,19 @@ def hash_of(ctx: Context) -> str:
                       {d: p.label for d, p in ctx.profiles.items()}, filt)
 
 
+def inputs_of(ctx: Context) -> dict[str, str]:
+    """Fingerprints of what stage 0 reads: every corpus file of every domain, the decontamination benchmark's files
+    and (with the domain filter) the generator model. The config hash says how sources are drawn; these say from
+    what, so an edited corpus at the same path is never silently reused (``reasonembed.input_fingerprint``)."""
+    cfg = ctx.cfg
+    files = [f for d in cfg.data.domains for f in domain_files(cfg.data, d, cfg.storage)]
+    files += [str(f) for f in decontamination_files(cfg.data.decontamination)]
+    out = files_fingerprint(files, cfg.storage)
+    if cfg.prepare.domain_filter.enabled:
+        out.update(model_input(filter_engine(ctx).model))
+    return out
+
+
 class FilterMessages:
     """Picklable row -> yes/no prompt for the domain filter."""
 
@@ -67,11 +88,15 @@ class FilterMessages:
         return domain_filter_prompt(self.profiles[row["domain"]], row["text"])
 
 
+def _text_hash(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 def _dedup(ids: list[str], texts: list[str]) -> tuple[list[int], list[tuple[str, str]]]:
     """Indices kept (smallest doc id per identical text) and (dropped id, kept id) pairs."""
     groups: dict[str, list[int]] = {}
     for i, t in enumerate(texts):
-        groups.setdefault(hashlib.sha256(t.encode("utf-8")).hexdigest(), []).append(i)
+        groups.setdefault(_text_hash(t), []).append(i)
     keep, dropped = [], []
     for idx in groups.values():
         idx.sort(key=lambda i: ids[i])
@@ -80,75 +105,117 @@ def _dedup(ids: list[str], texts: list[str]) -> tuple[list[int], list[tuple[str,
     return sorted(keep), dropped
 
 
+def gold_mask(ids: list[str], texts: list[str], gold: set[str], gold_texts: set[str]) -> tuple[list[bool], int]:
+    """Which documents are gold: by id, or by text (a copy of a gold document under another id, which dedup may
+    otherwise keep in its place since it keeps the smallest id of identical texts). Returns (mask, gold by text
+    only)."""
+    by_id = [d in gold for d in ids]
+    mask = [g or _text_hash(t) in gold_texts for g, t in zip(by_id, texts, strict=True)]
+    return mask, sum(m and not g for m, g in zip(mask, by_id, strict=True))
+
+
+def _gold_texts(ctx: Context, gold: set[str]) -> tuple[set[str], dict[str, DomainCorpus]]:
+    """Hashes of the texts of the gold documents found in any domain's corpus (decontamination by text), plus the
+    corpus read when there is one domain (so it is read once; several domains are read again one at a time)."""
+    cfg = ctx.cfg
+    hashes: set[str] = set()
+    kept: dict[str, DomainCorpus] = {}
+    for domain in cfg.data.domains:
+        corpus = read_domain(cfg.data, domain, cfg.storage)
+        hashes |= {_text_hash(t) for d, t in zip(corpus.ids, corpus.texts, strict=True) if d in gold}
+        if len(cfg.data.domains) == 1:
+            kept[domain] = corpus
+    return hashes, kept
+
+
 def run(ctx: Context, h: str) -> dict:
     """Run stage 0; returns the manifest fields."""
     cfg, pc_ = ctx.cfg, ctx.cfg.prepare
     stage, pool_stage = ctx.stage("prepare"), ctx.stage("pool")
-    pool_stage.begin(h, overwrite=cfg.overwrite)
+    inputs = inputs_of(ctx)
+    pool_stage.begin(h, overwrite=cfg.overwrite, inputs=inputs)
     gold, gold_counts = contaminated_ids(cfg.data.decontamination)
+    gold_texts, read = _gold_texts(ctx, gold)
     counts: Counter = Counter()
     errors: list[dict] = []
     eligible: dict[str, list[tuple[str, str]]] = {}
     for domain in cfg.data.domains:
-        corpus = read_domain(cfg.data, domain, cfg.storage)
-        counts["records_read"] += corpus.records
-        counts["docs_valid"] += len(corpus.ids)
+        corpus = read.pop(domain, None) or read_domain(cfg.data, domain, cfg.storage)
         errors += [{**e, "raw_text": ""} for e in corpus.errors]
-        is_gold = [d in gold for d in corpus.ids]
-        counts["contaminated"] += sum(is_gold)
-        keep, dropped = _dedup(corpus.ids, corpus.texts) if pc_.dedup else (list(range(len(corpus.ids))), [])
-        counts["duplicates"] += len(dropped)
-        pool_idx = [i for i in keep if not (is_gold[i] and cfg.data.decontamination.apply_to_pool)]
-        pool_stage.write_part(pa.table({
-            "domain": [domain] * len(pool_idx), "doc_id": [corpus.ids[i] for i in pool_idx],
-            "text": [corpus.texts[i] for i in pool_idx]}, schema=POOL_SCHEMA), domain)
-        counts["pool_docs"] += len(pool_idx)
-        rows = []
-        for i in keep:
-            n = len(corpus.texts[i])
-            if is_gold[i]:
-                continue
-            if n < pc_.min_chars:
-                counts["too_short"] += 1
-            elif n > pc_.max_chars:
-                counts["too_long"] += 1
-            else:
-                rows.append((corpus.ids[i], corpus.texts[i]))
-        eligible[domain] = sorted(rows)
-        counts["eligible"] += len(rows)
+        eligible[domain] = _eligible(ctx, corpus, gold, gold_texts, counts)
     pool_stage.write_manifest(config_hash=h, rows_in=counts["docs_valid"], rows_out=counts["pool_docs"],
                               extra={"contaminated_removed": cfg.data.decontamination.apply_to_pool})
     if pc_.domain_filter.enabled:
-        eligible, filter_errors = _domain_filter(ctx, h, eligible, counts)
+        eligible, filter_errors = _domain_filter(ctx, h, eligible, counts, inputs)
         errors += filter_errors
     n_src = 0
     for domain in cfg.data.domains:
-        pool = [d for d, _ in eligible[domain]]
-        rng = row_rng(pc_.sample_seed if pc_.sample_seed is not None else cfg.seed, "sample", domain)
-        chosen = set(rng.sample(pool, min(pc_.n_per_domain, len(pool))))
-        picked = [(d, t) for d, t in eligible[domain] if d in chosen]
-        if not picked:
-            log.warning("prepare: domain %s has no eligible source documents", domain)
-        for k in range(0, len(picked), pc_.rows_per_shard):
-            chunk = picked[k:k + pc_.rows_per_shard]
-            s = shard_name(domain, k // pc_.rows_per_shard)
-            stage.write_part(pa.table({"domain": [domain] * len(chunk), "doc_id": [d for d, _ in chunk],
-                                       "text": [t for _, t in chunk], "shard": [s] * len(chunk)},
-                                      schema=SOURCE_SCHEMA), s)
-        n_src += len(picked)
-    if errors:
-        stage.write_errors(error_table(sorted(errors, key=lambda e: (e["domain"], e["doc_id"], e["reason"])),
-                                       ERROR_SCHEMA), "all")
+        n_src += _write_sources(ctx, stage, domain, eligible[domain])
+    # Always written: an empty table removes a stale error file of an earlier attempt.
+    stage.write_errors(error_table(sorted(errors, key=lambda e: (e["domain"], e["doc_id"], e["reason"])),
+                                   ERROR_SCHEMA), "all")
     by_reason = dict(Counter(e["reason"] for e in errors))
     return {"rows_in": counts["records_read"], "rows_out": n_src, "rows_error": len(errors),
             "errors_by_reason": by_reason,
             "extra": {**dict(counts), "sampled": n_src, "gold_ids": len(gold), "gold_ids_by_task": gold_counts}}
 
 
-def _domain_filter(ctx: Context, h: str, eligible: dict[str, list[tuple[str, str]]], counts: Counter):
-    """LLM yes/no per eligible document (its own resumable stage ``synthesize/domain_filter``)."""
+def _eligible(ctx: Context, corpus: DomainCorpus, gold: set[str], gold_texts: set[str],
+              counts: Counter) -> list[tuple[str, str]]:
+    """Decontaminate and dedup one domain, write its mining pool, and return its (doc id, text) candidates for
+    sampling, sorted by id."""
+    cfg, pc_ = ctx.cfg, ctx.cfg.prepare
+    counts["records_read"] += corpus.records
+    counts["docs_valid"] += len(corpus.ids)
+    is_gold, by_text = gold_mask(corpus.ids, corpus.texts, gold, gold_texts)
+    counts["contaminated"] += sum(is_gold)
+    counts["contaminated_by_text"] += by_text
+    keep, dropped = _dedup(corpus.ids, corpus.texts) if pc_.dedup else (list(range(len(corpus.ids))), [])
+    counts["duplicates"] += len(dropped)
+    pool_idx = [i for i in keep if not (is_gold[i] and cfg.data.decontamination.apply_to_pool)]
+    ctx.stage("pool").write_part(pa.table({
+        "domain": [corpus.domain] * len(pool_idx), "doc_id": [corpus.ids[i] for i in pool_idx],
+        "text": [corpus.texts[i] for i in pool_idx]}, schema=POOL_SCHEMA), corpus.domain)
+    counts["pool_docs"] += len(pool_idx)
+    rows = []
+    for i in keep:
+        n = len(corpus.texts[i])
+        if is_gold[i]:
+            continue
+        if n < pc_.min_chars:
+            counts["too_short"] += 1
+        elif n > pc_.max_chars:
+            counts["too_long"] += 1
+        else:
+            rows.append((corpus.ids[i], corpus.texts[i]))
+    counts["eligible"] += len(rows)
+    return sorted(rows)
+
+
+def _write_sources(ctx: Context, stage: StageDir, domain: str, eligible: list[tuple[str, str]]) -> int:
+    """Draw the domain's sources with its seeded sample and write them in fixed-size shards; returns how many."""
+    cfg, pc_ = ctx.cfg, ctx.cfg.prepare
+    pool = [d for d, _ in eligible]
+    rng = row_rng(pc_.sample_seed if pc_.sample_seed is not None else cfg.seed, "sample", domain)
+    chosen = set(rng.sample(pool, min(pc_.n_per_domain, len(pool))))
+    picked = [(d, t) for d, t in eligible if d in chosen]
+    if not picked:
+        log.warning("prepare: domain %s has no eligible source documents", domain)
+    for k in range(0, len(picked), pc_.rows_per_shard):
+        chunk = picked[k:k + pc_.rows_per_shard]
+        s = shard_name(domain, k // pc_.rows_per_shard)
+        stage.write_part(pa.table({"domain": [domain] * len(chunk), "doc_id": [d for d, _ in chunk],
+                                   "text": [t for _, t in chunk], "shard": [s] * len(chunk)},
+                                  schema=SOURCE_SCHEMA), s)
+    return len(picked)
+
+
+def _domain_filter(ctx: Context, h: str, eligible: dict[str, list[tuple[str, str]]], counts: Counter,
+                   inputs: dict[str, str]):
+    """LLM yes/no per eligible document (its own resumable stage ``synthesize/domain_filter``, made from the same
+    inputs as stage 0)."""
     stage = ctx.stage("domain_filter")
-    stage.begin(h, overwrite=ctx.cfg.overwrite)
+    stage.begin(h, overwrite=ctx.cfg.overwrite, inputs=inputs)
     size = ctx.cfg.prepare.rows_per_shard
     recs, shards = [], []
     for domain, rows in eligible.items():
@@ -178,9 +245,11 @@ def _domain_filter(ctx: Context, h: str, eligible: dict[str, list[tuple[str, str
         errs.sort(key=lambda r: r["doc_id"])
         return error_table(keep_rows, FILTER_SCHEMA), error_table(errs, ERROR_SCHEMA)
 
-    stats = run_llm_shards(stage, table, shards, filter_engine(ctx), FilterMessages(ctx.profiles), post,
-                           id_column="row_id", keep_columns=["domain", "doc_id", "shard"],
-                           batch_invariant=ctx.cfg.batch_invariant, engines=ctx.engines)
+    # Its error rows are not retried (retry_errors): new verdicts would change the seeded sample, i.e. all of
+    # stage 0; redo it with overwrite instead.
+    task = LLMTask(filter_engine(ctx), FilterMessages(ctx.profiles), post, id_column="row_id",
+                   keep_columns=["domain", "doc_id", "shard"])
+    stats = run_llm_shards(stage, table, shards, task, batch_invariant=ctx.cfg.batch_invariant, engines=ctx.engines)
     verdicts = stage.read_parts()
     errors = stage.read_errors().to_pylist()
     keep = set()

@@ -1,6 +1,7 @@
 """The end-of-run report: rows in/out and error counts per stage, tokens and tokens/s of the LLM stages, the score
-histogram (also as a PNG), positives/negatives per query, and the fraction of candidates equal to their source
-(the triviality check: it must be 0).
+histogram (also as a PNG), positives/negatives per query, and the triviality check: how many candidates written
+anywhere (mine's candidate lists, annotate's scored pairs, format's positives and negatives) are their query's own
+source document, by id or by identical text (it must be 0; see :func:`source_matches`).
 
 Written to ``synthesize/report.json`` and ``synthesize/score_histogram.png``; returned as a dict by
 ``pipeline.run``. Token rates come from each LLM stage's manifest, i.e. from the run that finished the stage
@@ -9,9 +10,12 @@ Written to ``synthesize/report.json`` and ``synthesize/score_histogram.png``; re
 
 from __future__ import annotations
 
+import hashlib
 import io
+from collections import defaultdict
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from reasonembed.remixer.context import STAGE_ROOT, Context
@@ -21,14 +25,55 @@ LLM_STAGES = ("domain_filter", "generate", "reason", "annotate")
 REPORT_STAGES = ("prepare", "pool", "domain_filter", "generate", "reason", "mine", "annotate", "format")
 
 
-def source_fraction(ctx: Context) -> tuple[int, int]:
-    """(candidates equal to their query's source document, all candidates) over the mine stage."""
-    mine = ctx.stage("mine").read_parts(columns=["source_doc_id", "candidate_ids"])
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _same_text(ctx: Context) -> dict[tuple[str, str], set[str]]:
+    """(domain, source doc id) -> ids of the domain's pool documents with exactly the source's text (the source
+    itself included). Only pool texts as long as some source are hashed."""
+    src = ctx.stage("prepare").read_parts(columns=["domain", "doc_id", "text"])
+    pool = ctx.stage("pool").read_parts(columns=["domain", "doc_id", "text"])
+    if src.num_rows == 0 or pool.num_rows == 0:
+        return {}
+    pool_lengths = pc.binary_length(pool["text"])
+    lengths = pa.array(sorted(set(pc.binary_length(src["text"]).to_pylist())), pool_lengths.type)
+    pool = pool.filter(pc.is_in(pool_lengths, value_set=lengths))
+    by_text: dict[tuple[str, str], set[str]] = defaultdict(set)
+    for dom, doc, text in zip(*(pool[c].to_pylist() for c in ("domain", "doc_id", "text")), strict=True):
+        by_text[(dom, _digest(text))].add(doc)
+    return {(dom, doc): by_text.get((dom, _digest(text)), set()) | {doc}
+            for dom, doc, text in zip(*(src[c].to_pylist() for c in ("domain", "doc_id", "text")), strict=True)}
+
+
+def source_matches(ctx: Context) -> dict[str, list[int]]:
+    """Per stage, [candidates equal to their query's source document (same id or same text), candidates checked],
+    over the rows actually written: mine candidate lists, annotate scored pairs, format positives + negatives."""
+    same = _same_text(ctx)
+    mine = ctx.stage("mine").read_parts(columns=["query_id", "domain", "source_doc_id", "candidate_ids"])
+
+    def count(rows) -> list[int]:
+        hits = total = 0
+        for dom, src, cands in rows:
+            equal = same.get((dom, src), {src})
+            hits += sum(c in equal for c in cands)
+            total += len(cands)
+        return [hits, total]
+
     if mine.num_rows == 0:
-        return 0, 0
-    hits = sum(cands.count(src) for src, cands in zip(mine["source_doc_id"].to_pylist(),
-                                                        mine["candidate_ids"].to_pylist(), strict=True))
-    return hits, int(pc.sum(pc.list_value_length(mine["candidate_ids"])).as_py() or 0)
+        return {"mine": [0, 0], "annotate": [0, 0], "format": [0, 0]}
+    cols = [mine[c].to_pylist() for c in ("domain", "source_doc_id", "candidate_ids")]
+    out = {"mine": count(zip(*cols, strict=True))}
+    source_of = dict(zip(mine["query_id"].to_pylist(), mine["source_doc_id"].to_pylist(), strict=True))
+    ann = ctx.stage("annotate").read_parts(columns=["query_id", "domain", "doc_id"])
+    out["annotate"] = count((d, source_of.get(q, ""), [doc]) for q, d, doc in
+                            zip(*(ann[c].to_pylist() for c in ("query_id", "domain", "doc_id")), strict=True)) \
+        if ann.num_rows else [0, 0]
+    fmt = ctx.stage("format").read_parts(columns=["domain", "source_doc_id", "pos_ids", "neg_ids"])
+    out["format"] = count((d, s, p + n) for d, s, p, n in
+                          zip(*(fmt[c].to_pylist() for c in ("domain", "source_doc_id", "pos_ids", "neg_ids")),
+                              strict=True)) if fmt.num_rows else [0, 0]
+    return out
 
 
 def build(ctx: Context) -> dict[str, Any]:
@@ -47,7 +92,8 @@ def build(ctx: Context) -> dict[str, Any]:
     ann = ctx.stage("annotate").read_manifest()
     fmt = ctx.stage("format").read_manifest()
     prep = ctx.stage("prepare").read_manifest()
-    same, total = source_fraction(ctx)
+    matches = source_matches(ctx)
+    same, total = matches["mine"]
     hist = dict(ann.extra.get("score_histogram", {})) if ann else {}
     return {
         "run": ctx.run.uri,
@@ -62,7 +108,9 @@ def build(ctx: Context) -> dict[str, Any]:
         "dropped_no_pos": fmt.extra.get("dropped_no_pos", 0) if fmt else 0,
         "dropped_no_neg": fmt.extra.get("dropped_no_neg", 0) if fmt else 0,
         "candidates": total,
-        "candidates_equal_to_source": same,
+        # Over everything written (mine, annotate, format), by id or identical text: must be 0.
+        "candidates_equal_to_source": sum(n for n, _ in matches.values()),
+        "candidates_equal_to_source_by_stage": {k: n for k, (n, _) in matches.items()},
         "source_candidate_fraction": (same / total) if total else 0.0,
         "format_uri": ctx.stage("format").uri,
     }

@@ -149,12 +149,11 @@ def expand_path(path: str) -> str:
     return path.replace("{data_dir}", str(default_data_dir()))
 
 
-def contaminated_ids(cfg: DecontaminationConfig) -> tuple[set[str], dict[str, int]]:
-    """Doc ids that must never be sources: (ids, count per benchmark task). A missing folder is a ConfigError."""
-    ids: set[str] = set(cfg.extra_ids)
-    counts: dict[str, int] = {"extra_ids": len(cfg.extra_ids)} if cfg.extra_ids else {}
+def decontamination_files(cfg: DecontaminationConfig) -> list[Path]:
+    """The benchmark files decontamination reads (BEIR: the qrels file; BRIGHT: each task's queries.jsonl): the
+    prepare stage fingerprints them with the corpus. A missing folder or file is a ConfigError."""
     if cfg.benchmark == "none":
-        return ids, counts
+        return []
     if not cfg.path:
         raise ConfigError(f"data.decontamination.path is empty but benchmark is {cfg.benchmark!r}")
     folder = Path(expand_path(cfg.path)).expanduser()
@@ -164,18 +163,29 @@ def contaminated_ids(cfg: DecontaminationConfig) -> tuple[set[str], dict[str, in
             "benchmark: none to synthesize without decontamination)"
         )
     if cfg.benchmark == "beir":
-        qrels = read_qrels(find_qrels(folder))
-        rel = {d for per_q in qrels.values() for d, r in per_q.items() if r > 0}
-        ids |= rel
-        counts[folder.name] = len(rel)
-        return ids, counts
+        return [find_qrels(folder)]
     tasks = cfg.tasks or sorted(p.name for p in folder.iterdir() if (p / "queries.jsonl").is_file())
     if not tasks:
         raise ConfigError(f"data.decontamination.path: no <task>/queries.jsonl under {folder}")
-    for task in tasks:
-        qfile = folder / task / "queries.jsonl"
+    files = [folder / task / "queries.jsonl" for task in tasks]
+    for qfile in files:
         if not qfile.is_file():
             raise ConfigError(f"data.decontamination.tasks: {qfile} not found")
+    return files
+
+
+def contaminated_ids(cfg: DecontaminationConfig) -> tuple[set[str], dict[str, int]]:
+    """Doc ids that must never be sources: (ids, count per benchmark task). A missing folder is a ConfigError."""
+    ids: set[str] = set(cfg.extra_ids)
+    counts: dict[str, int] = {"extra_ids": len(cfg.extra_ids)} if cfg.extra_ids else {}
+    files = decontamination_files(cfg)
+    if cfg.benchmark == "beir":
+        qrels = read_qrels(files[0])
+        rel = {d for per_q in qrels.values() for d, r in per_q.items() if r > 0}
+        ids |= rel
+        counts[Path(expand_path(cfg.path or "")).expanduser().name] = len(rel)
+        return ids, counts
+    for qfile in files:
         found: set[str] = set()
         for n, obj in iter_jsonl(qfile):
             for fld in cfg.id_fields:
@@ -185,6 +195,6 @@ def contaminated_ids(cfg: DecontaminationConfig) -> tuple[set[str], dict[str, in
                 if not isinstance(value, list):
                     raise ConfigError(f"{qfile}:{n}: {fld} must be a list of doc ids, got {type(value).__name__}")
                 found |= {str(v) for v in value if str(v) != NO_EXCLUSION}
-        counts[task] = len(found)
+        counts[qfile.parent.name] = len(found)
         ids |= found
     return ids, counts
