@@ -120,3 +120,24 @@ def test_truncated_inputs_match_sentence_transformers(tmp_path, tiny_qwen3_path)
     np.testing.assert_allclose(st.encode(texts), reloaded.encode(texts), atol=1e-5)
     np.testing.assert_allclose(st.encode(QUERIES, prompt_name="query"), reloaded.encode(QUERIES, is_query=True),
                                atol=1e-5)
+
+
+def test_over_length_error_counts_the_exported_tokenizers_eos_once(tmp_path):
+    """The serving engine's truncate=false error reports an input's real token count: +1 for the EOS that
+    last-token pooling appends only when the tokenizer does not add it itself (exported decoders do)."""
+    from reasonembed.config.serve import BatchingConfig
+    from reasonembed.serving.engine import EmbedCall, EmbeddingEngine
+    from reasonembed.serving.errors import ContextLengthExceeded
+
+    base = Embedder(EmbedderConfig(model="tiny-qwen3", device="cpu", max_length=16))
+    out = tmp_path / "model"
+    export_model(base.model, base.tokenizer, str(out), pooling="last_token", normalize=True, max_length=16,
+                 append_eos=True, prompts=st_prompts(base.cfg.query_format, INSTRUCTION))
+    text = DOCS[0]
+    for folder in (str(out), "tiny-qwen3"):
+        engine = EmbeddingEngine(EmbedderConfig(model=folder, device="cpu", max_length=16),
+                                 BatchingConfig(token_budget=256))
+        with_eos = engine.embedder.tokenizer(text)["input_ids"]
+        tokens = len(with_eos) + (0 if engine.embedder.tokenizer_appends_eos else 1)
+        with pytest.raises(ContextLengthExceeded, match=rf"input\[0\] has {tokens} tokens"):
+            engine.prepare(EmbedCall(texts=[text], truncate=False))

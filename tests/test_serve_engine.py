@@ -390,3 +390,25 @@ def test_embedder_shared_with_engine_matches_describe(minilm_engine):
     assert d["dim"] == 384 and d["token_budget"] == 1024
     assert {k: v for k, v in d.items() if k not in ("token_budget", "max_batch_size")} == \
         minilm_engine.embedder.describe()
+
+
+def test_request_timer_counts_unexpected_failures_as_500():
+    """An exception that is not a ServingError is answered 500 by Starlette: the request metrics must say 500."""
+    from reasonembed.serving.errors import ServingError
+    from reasonembed.serving.metrics import timed_request
+
+    class Recorder:  # the ApiMetrics interface (observe), without Ray Serve's metric backends
+        def __init__(self):
+            self.statuses = []
+
+        def observe(self, endpoint, status, ms, inputs=0, tokens=0, truncated=0):
+            self.statuses.append((endpoint, status))
+
+    rec = Recorder()
+    with timed_request(rec, "/v1/embeddings"):
+        pass
+    with pytest.raises(ServingError), timed_request(rec, "/v1/embeddings"):
+        raise InvalidRequest("bad", param="input")
+    with pytest.raises(RuntimeError), timed_request(rec, "/v1/search"):
+        raise RuntimeError("boom")
+    assert rec.statuses == [("/v1/embeddings", 200), ("/v1/embeddings", 400), ("/v1/search", 500)]

@@ -243,7 +243,7 @@ def _merge(base: dict, extra: dict) -> dict:
 
 
 def config_from_args(args: dict[str, Any] | None) -> ServeJobConfig:
-    """A ServeJobConfig from Serve application args (``serve/config.yaml`` ``args:``, ``serve run app:build_app
+    """A ServeJobConfig from Serve application args (``serve/config.yaml`` ``args:``, ``serve run reasonembed.serving.http.app:build_app
     k=v``): ``config`` (a YAML path), nested fields, ``overrides`` (``a.b=c`` list) and dotted keys
     (``embedder.model=minilm``), applied in that order. Errors name the field path."""
     args = dict(args or {})

@@ -135,12 +135,17 @@ class EmbeddingEngine:
                 i = flags.index(True)
                 full = len(self.embedder.tokenizer(texts[i], add_special_tokens=True, verbose=False)["input_ids"])
                 raise ContextLengthExceeded(
-                    f"input[{i}] has {full + (1 if self.eos_id is not None else 0)} tokens"
+                    f"input[{i}] has {full + self._eos_to_add} tokens"
                     f"{' with its instruction' if call.is_query and texts[i] != call.texts[i] else ''}, more than "
                     f"the model's max length {self.embedder.max_length}; shorten it or send truncate=true",
                     param=f"input[{i}]",
                 )
         return ids, flags
+
+    @property
+    def _eos_to_add(self) -> int:
+        """1 when last-token pooling appends an EOS the tokenizer did not add itself (exported decoders add it)."""
+        return int(self.eos_id is not None and not self.embedder.tokenizer_appends_eos)
 
     def _prepare_ids(self, rows: Sequence[Sequence[int]], truncate: bool) -> tuple[list[list[int]], list[bool]]:
         """Token-id inputs are used as given (include the special tokens the model's tokenizer adds); with

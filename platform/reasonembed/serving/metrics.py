@@ -69,6 +69,9 @@ def timed_request(metrics: ApiMetrics, endpoint: str) -> Iterator[RequestRecord]
     except ServingError as exc:
         record.status = exc.status
         raise
+    except Exception:
+        record.status = 500  # Starlette answers an unhandled exception with 500: count it as such, not as 200
+        raise
     finally:
         reply = record.reply
         metrics.observe(endpoint, record.status, (time.perf_counter() - t0) * 1000,
