@@ -187,6 +187,20 @@ def test_bad_shapes_and_config_errors():
     assert all(f.description for f in LossConfig.model_fields.values())
 
 
+def test_docstring_example_runs():
+    """The Example section of RIInfoNCELoss is self-contained: run it as a doctest."""
+    import doctest
+
+    from reasonembed.redapter import loss
+
+    tests = [t for t in doctest.DocTestFinder().find(RIInfoNCELoss, "RIInfoNCELoss", module=loss) if t.examples]
+    runner = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
+    for t in tests:
+        runner.run(t)
+    result = runner.summarize(verbose=False)
+    assert result.attempted >= 5 and result.failed == 0
+
+
 # -- two real gloo processes ------------------------------------------------------------------------------------------
 
 WORLD, B, G, D_IN, D_OUT = 2, 3, 4, 8, 6

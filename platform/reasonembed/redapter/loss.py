@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +20,7 @@ from reasonembed.redapter.gather import DistContext, all_gather_cat, all_gather_
 
 
 class LossConfig(StrictModel):
-    """Settings of the Redapter loss (SPEC.md section 2)."""
+    """Settings of the Redapter loss (docs/algorithm.md, section 2)."""
 
     temperature: float = Field(0.02, gt=0, description="Softmax temperature τ: s(q,d) = <e_q, e_d> / τ. Paper: 0.02.")
     kappa: float = Field(
@@ -55,7 +56,7 @@ class LossOutput:
     ri_stats: dict[str, float] = field(default_factory=dict)  # min/max/mean/median over rows WITH a reasoning query
 
     def log_dict(self) -> dict[str, float]:
-        """Per-step figures for the trainer's log (SPEC.md section 2, Logging)."""
+        """Per-step figures for the trainer's log (docs/algorithm.md, section 2, "Logging")."""
         out = {
             "loss": self.value,
             "loss_unweighted": self.unweighted_loss,
@@ -81,25 +82,49 @@ def _upcast(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
+class _Weighting(NamedTuple):
+    """Steps (5) and (6) of :class:`RIInfoNCELoss`: the detached per-query weights and what is logged about them."""
+
+    weights: torch.Tensor  # this rank's w_i, normalised over the global batch, [B]
+    ri: torch.Tensor | None  # this rank's RI_i (1.0 for rows without a reasoning query), [B]
+    ri_stats: dict[str, float]  # min/max/mean/median of RI over the global rows that have a reasoning query
+    ri_active: bool  # True when the weights came from RI
+    n_without_reasoning: int  # global count of rows without a reasoning query
+    unweighted: float  # global mean_i L_i(q)
+
+
 class RIInfoNCELoss(nn.Module):
-    """Contrastive loss in which each query's InfoNCE term is weighted by its *reasoning intensity*.
+    """Contrastive loss in which each query's InfoNCE term is weighted by its *reasoning intensity* (RI).
 
     A query whose plain form is much harder to match than its reasoning-augmented rewrite q′ needs reasoning to be
-    retrieved; RI-InfoNCE spends more of the gradient on such queries. With uniform RI it equals basic InfoNCE.
+    retrieved; RI-InfoNCE spends more of the gradient on such queries. The loss is stated in docs/algorithm.md,
+    section 2 ("Redapter: RI-InfoNCE"); docs/training.md describes how the trainer feeds it.
 
-    Algorithm, per training step (N = global number of queries, G = group size, W = data-parallel ranks):
+    The loss, over the N queries of the global batch (all data-parallel ranks)::
+
+        s(q, d) = <e_q, e_d> / τ                           (e: L2-normalised embeddings)
+        L_i     = −log softmax_i(positive)                 (softmax over s(q_i, d) for every passage d of the batch)
+        RI_i    = L_i(q) / (L_i(q′) + ε)
+        w_i     = clamp(RI_i, 0, κ) / Σ_j clamp(RI_j, 0, κ)   (detached; the sum runs over the global batch)
+        L       = Σ_i w_i L_i(q)
+
+    The first ``ri_start_step`` optimizer steps (and every step with ``use_ri=False``) use L = mean_i L_i(q).
+
+    Algorithm, per training step (B queries on this rank, G passages per query, W data-parallel ranks); the steps
+    are marked ``# Step (n)`` in the code:
 
     1. L2-normalise query embeddings e_q [B, D] and passage embeddings e_p [B·G, D]; passage rows are grouped per
        query as ``[pos_0, neg_0,1 … neg_0,G-1, pos_1, …]``.
     2. Gather the passages of all W ranks (``cross_device``), so each query scores all W·B·G passages:
        s(q, d) = <e_q, e_d> / τ. Query i on rank r has its positive at column ``r·B·G + i·G``.
-    3. Per-sample InfoNCE L_i(q) = −log softmax_i(positive).
+    3. Per-sample InfoNCE L_i(q) = −log softmax_i(positive), with gradients.
     4. Under ``no_grad``, the same loss for the reasoning query q′ (embedded in eval mode, without dropout noise)
        against the *detached* passages: L_i(q′).
-       RI_i = L_i(q) / (L_i(q′) + ε). Rows without a reasoning query get RI_i = 1 (they keep the basic InfoNCE weight
-       when the rest of the batch is uniform) and are counted.
-    5. w_i = clamp(RI_i, 0, κ) / Σ_j clamp(RI_j, 0, κ), the sum over the global batch; weights are detached.
-    6. L = Σ_i w_i L_i(q). Before ``ri_start_step`` (or with ``use_ri=False``): L = mean_i L_i(q).
+    5. RI_i = L_i(q) / (L_i(q′) + ε). Rows without a reasoning query get RI_i = 1 (they keep the basic InfoNCE
+       weight when the rest of the batch is uniform) and are counted.
+    6. w_i = clamp(RI_i, 0, κ) / Σ_j clamp(RI_j, 0, κ), the sum over the global batch; weights are detached.
+       Before ``ri_start_step`` (or with ``use_ri=False``): w_i = 1/N.
+    7. L = Σ_i w_i L_i(q); this rank backpropagates W · Σ_{i on this rank} w_i L_i(q) (DDP averages gradients).
 
     Args:
         config: a :class:`LossConfig`. Typical values (paper): ``temperature=0.02``, ``kappa=5``,
@@ -122,17 +147,36 @@ class RIInfoNCELoss(nn.Module):
         | step                               | int, the 0-based optimizer step                        |
         +------------------------------------+--------------------------------------------------------+
 
-    Example::
+    Relations:
+        - With uniform RI (every RI_i equal, e.g. no row has a reasoning query) the weights are 1/N and the loss is
+          basic InfoNCE: sentence-transformers' ``MultipleNegativesRankingLoss`` with ``scale = 1/τ`` and cosine
+          similarity on (anchor, positive, negative_1, …, negative_G−1) tuples, with ``gather_across_devices=True``
+          for ``cross_device`` (its candidates are the same passages in another order; the softmax does not care).
+        - Before ``ri_start_step`` or with ``use_ri=False`` it is that loss too, whatever the reasoning queries say.
 
-        loss_fn = RIInfoNCELoss(LossConfig())
-        q = embedder.embed_batch(embedder.tokenize(queries))            # [B, D], grad
-        p = embedder.embed_batch(embedder.tokenize(passages))           # [B*G, D], grad
-        rq = None
-        if loss_fn.needs_reasoning(step):  # no grad, eval mode (BiEncoder.encode_frozen)
-            rq = bi_encoder.encode_frozen(embedder.tokenize(reasoning_queries))
-        out = loss_fn(q, p, rq, has_reasoning=batch.has_reasoning, step=step)
-        out.loss.backward()
-        log(out.log_dict())
+    Example (random embeddings; in training they come from the bi-encoder, ``rq`` from
+    ``BiEncoder.encode_frozen`` when :meth:`needs_reasoning` says so)::
+
+        >>> import torch
+        >>> from reasonembed.redapter.loss import LossConfig, RIInfoNCELoss
+        >>> gen = torch.Generator().manual_seed(0)
+        >>> B, G, D = 4, 3, 8
+        >>> q = torch.randn(B, D, generator=gen, requires_grad=True)      # queries, with grad
+        >>> p = torch.randn(B * G, D, generator=gen, requires_grad=True)  # per query: positive, then G−1 negatives
+        >>> rq = torch.randn(B, D, generator=gen)                         # reasoning queries, no grad
+        >>> loss_fn = RIInfoNCELoss(LossConfig(ri_start_step=0))
+        >>> loss_fn.needs_reasoning(step=0)
+        True
+        >>> out = loss_fn(q, p, rq, has_reasoning=[True, True, False, True], step=0)
+        >>> out.loss.backward()
+        >>> out.ri_active, out.n_queries, out.n_without_reasoning
+        (True, 4, 1)
+        >>> float(out.ri[2]), round(float(out.weights.sum()), 6)
+        (1.0, 1.0)
+        >>> round(out.value, 6) == round(float((out.weights * out.per_sample).sum()), 6)
+        True
+        >>> q.grad.shape, p.grad.shape
+        (torch.Size([4, 8]), torch.Size([12, 8]))
     """
 
     def __init__(self, config: LossConfig | None = None, group: object | None = None):
@@ -152,62 +196,39 @@ class RIInfoNCELoss(nn.Module):
         has_reasoning: torch.Tensor | list[bool] | None = None,
         step: int = 0,
     ) -> LossOutput:
-        """One step's loss. With cross-device negatives this runs collectives, so every rank must call it with the
-        same ``step`` and the same (queries, passages) counts, and pass ``rq_emb`` on all ranks or on none."""
+        """One step's loss (the class docstring's steps). With cross-device negatives this runs collectives, so every
+        rank must call it with the same ``step`` and the same (queries, passages) counts, and pass ``rq_emb`` on all
+        ranks or on none."""
         cfg = self.config
         b = _check_shapes(q_emb, p_emb, rq_emb)
         g = p_emb.size(0) // b
         device = q_emb.device
         ctx = DistContext.current(self.group) if cfg.cross_device else DistContext.single()
 
+        # Step (1): unit vectors (scored in float32, see _upcast).
         q = F.normalize(_upcast(q_emb), dim=-1)
         p = F.normalize(_upcast(p_emb), dim=-1)
+        # Step (2): every rank's passages (ranks concatenated in rank order), so local query i's positive is at
+        # global column rank·(B·G) + i·G.
         if ctx.world_size > 1:
             ctx.check_equal_shapes(b, p.size(0), device)
             p_all = all_gather_with_grad(p, ctx)
         else:
             p_all = p
-        # Positive of local query i is at global column rank·(B·G) + i·G: ranks are concatenated in rank order.
         labels = ctx.rank * p.size(0) + torch.arange(b, device=device) * g
-        per_sample = infonce_per_sample(q, p_all, labels, cfg.temperature)  # [B], with grad
-        n_global = b * ctx.world_size
-
-        # Which rows have a reasoning query is a property of the data, so it is counted even on steps that skip
-        # the reasoning forward pass (None: every row has one).
-        if has_reasoning is None:
-            mask = torch.ones(b, dtype=torch.bool, device=device)
-        else:
-            mask = torch.as_tensor(has_reasoning, dtype=torch.bool, device=device).reshape(-1)
-            if mask.numel() != b:
-                raise ValueError(f"has_reasoning has {mask.numel()} entries for {b} queries")
-
-        ri = None
-        ri_stats: dict[str, float] = {}
+        # Step (3): L_i(q), with gradients.
+        per_sample = infonce_per_sample(q, p_all, labels, cfg.temperature)  # [B]
+        mask = _reasoning_mask(has_reasoning, b, device)
+        # Step (4): L_i(q′) against the detached passages.
+        per_sample_rq = None
         if rq_emb is not None:
             with torch.no_grad():
                 rq = F.normalize(_upcast(rq_emb.detach()), dim=-1)
                 per_sample_rq = infonce_per_sample(rq, p_all.detach(), labels, cfg.temperature)
-                ri = per_sample.detach() / (per_sample_rq + cfg.eps)
-                ri = torch.where(mask, ri, torch.ones_like(ri))
-                # One gather of [RI, has_reasoning] rows: the median needs every value, not just a sum.
-                both = all_gather_cat(torch.stack([ri, mask.to(ri.dtype)], dim=1), ctx)
-                ri_stats = _ri_stats(both[:, 0], both[:, 1] > 0.5)
+        w = self._ri_weights(per_sample, per_sample_rq, mask, ctx, step)  # Steps (5) and (6)
 
-        ri_active = cfg.use_ri and step >= cfg.ri_start_step and ri is not None
-        with torch.no_grad():
-            clamped = ri.clamp(min=0.0, max=cfg.kappa) if ri_active else torch.zeros_like(per_sample)
-            sums = all_reduce_sum(
-                torch.stack([clamped.sum(), (~mask).sum().to(clamped.dtype), per_sample.detach().sum()]), ctx
-            )
-            total, n_without, unweighted = float(sums[0]), int(round(float(sums[1]))), float(sums[2]) / n_global
-            # Every L_i is > 0 in floating point unless each positive wins by a huge margin; guard anyway so that a
-            # degenerate batch trains with the basic weights instead of dividing by zero.
-            if ri_active and total > 0:
-                weights = clamped / total
-            else:
-                weights = torch.full_like(clamped, 1.0 / n_global)
-
-        local = (weights * per_sample).sum()
+        # Step (7): L = Σ_i w_i L_i(q).
+        local = (w.weights * per_sample).sum()
         # DDP (and DeepSpeed's data parallelism) AVERAGE gradients over the W ranks: θ.grad = (1/W) Σ_r ∇_θ loss_r.
         # The global loss is L = Σ_r local_r with local_r = Σ_{i on rank r} w_i L_i (the weights are normalised
         # over the global batch). all_gather_with_grad's backward sums, over ranks, the gradient every rank's
@@ -217,18 +238,54 @@ class RIInfoNCELoss(nn.Module):
         # single) and DDP's average is the usual mean over ranks.
         loss = local * ctx.world_size
         value = float(all_reduce_sum(local.detach(), ctx))
-        return LossOutput(
-            loss=loss,
-            value=value,
-            unweighted_loss=unweighted,
-            per_sample=per_sample.detach(),
-            weights=weights,
-            ri=ri,
-            ri_active=ri_active,
-            n_queries=n_global,
-            n_without_reasoning=n_without,
-            ri_stats=ri_stats,
-        )
+        return LossOutput(loss=loss, value=value, unweighted_loss=w.unweighted, per_sample=per_sample.detach(),
+                          weights=w.weights, ri=w.ri, ri_active=w.ri_active, n_queries=b * ctx.world_size,
+                          n_without_reasoning=w.n_without_reasoning, ri_stats=w.ri_stats)
+
+    def _ri_weights(self, per_sample: torch.Tensor, per_sample_rq: torch.Tensor | None, mask: torch.Tensor,
+                    ctx: DistContext, step: int) -> _Weighting:
+        """Steps (5) and (6): RI_i from L_i(q) and L_i(q′), then w_i = clamp(RI_i, 0, κ) / Σ_j clamp(RI_j, 0, κ)
+        over the global batch, detached. ``per_sample_rq`` None (no reasoning queries this step), a step before
+        ``ri_start_step`` or ``use_ri=False``: w_i = 1/N. Every rank runs the same collectives in the same order."""
+        cfg = self.config
+        n_global = per_sample.size(0) * ctx.world_size
+        ri = None
+        ri_stats: dict[str, float] = {}
+        with torch.no_grad():
+            if per_sample_rq is not None:
+                # Step (5): RI_i = L_i(q) / (L_i(q′) + ε); rows without a reasoning query get RI_i = 1.
+                ri = per_sample.detach() / (per_sample_rq + cfg.eps)
+                ri = torch.where(mask, ri, torch.ones_like(ri))
+                # One gather of [RI, has_reasoning] rows: the median needs every value, not just a sum.
+                both = all_gather_cat(torch.stack([ri, mask.to(ri.dtype)], dim=1), ctx)
+                ri_stats = _ri_stats(both[:, 0], both[:, 1] > 0.5)
+            ri_active = cfg.use_ri and step >= cfg.ri_start_step and ri is not None
+            # Step (6): clamp to [0, κ], then normalise by the sum over all ranks' queries (one all-reduce, which
+            # also carries the counts that are logged).
+            clamped = ri.clamp(min=0.0, max=cfg.kappa) if ri_active else torch.zeros_like(per_sample)
+            sums = all_reduce_sum(
+                torch.stack([clamped.sum(), (~mask).sum().to(clamped.dtype), per_sample.detach().sum()]), ctx
+            )
+            total = float(sums[0])
+            # Every L_i is > 0 in floating point unless each positive wins by a huge margin; guard anyway so that a
+            # degenerate batch trains with the basic weights instead of dividing by zero.
+            if ri_active and total > 0:
+                weights = clamped / total
+            else:
+                weights = torch.full_like(clamped, 1.0 / n_global)
+        return _Weighting(weights=weights, ri=ri, ri_stats=ri_stats, ri_active=ri_active,
+                          n_without_reasoning=int(round(float(sums[1]))), unweighted=float(sums[2]) / n_global)
+
+
+def _reasoning_mask(has_reasoning: torch.Tensor | list[bool] | None, b: int, device: torch.device) -> torch.Tensor:
+    """[B] bool: which rows have a reasoning query (None: every row). A property of the data, so it is counted
+    even on steps that skip the reasoning forward pass."""
+    if has_reasoning is None:
+        return torch.ones(b, dtype=torch.bool, device=device)
+    mask = torch.as_tensor(has_reasoning, dtype=torch.bool, device=device).reshape(-1)
+    if mask.numel() != b:
+        raise ValueError(f"has_reasoning has {mask.numel()} entries for {b} queries")
+    return mask
 
 
 def _check_shapes(q: torch.Tensor, p: torch.Tensor, rq: torch.Tensor | None) -> int:
