@@ -237,3 +237,13 @@ def test_report_counts_source_copies_in_written_rows(tmp_path):
     got = report.build(ctx)
     assert got["candidates_equal_to_source_by_stage"] == {"mine": 1, "annotate": 1, "format": 1}
     assert got["candidates_equal_to_source"] == 3 and got["source_candidate_fraction"] == 0.5
+
+
+def test_retry_errors_and_overwrite_are_cli_switches():
+    from reasonembed.cli import parse_job_args
+
+    _, overrides, _ = parse_job_args("synthesize", ["--retry-errors", "--data", "/d", "stop_after=prepare"])
+    assert "retry_errors=true" in overrides and "data.corpus=/d" in overrides
+    assert parse_job_args("synthesize", ["--overwrite"])[1] == ["overwrite=true"]
+    assert parse_job_args("synthesize", [])[1] == []  # off unless given
+    assert SynthesizeJobConfig().retry_errors is False

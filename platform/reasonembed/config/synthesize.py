@@ -1,6 +1,6 @@
 """Config of ReMixer synthesis (`reasonembed synthesize`, jobs/synthesize.py): corpus -> training samples.
 
-Stages (SPEC.md section 1; each has its own section below and writes ``<out>/<run_id>/synthesize/<stage>/``):
+Stages (the paper's ReMixer; each has its own section below and writes ``<out>/<run_id>/synthesize/<stage>/``):
 ``prepare`` (length filter, dedup, decontamination, optional LLM domain filter, seeded sampling) -> ``generate``
 (conditioned queries, then the reasoning query q') -> ``mine`` (top-k candidates with the platform's encoder and
 FAISS, source removed) -> ``annotate`` (pointwise 1-5 relevance scores) -> ``format`` (pos/neg samples).
@@ -34,14 +34,14 @@ class WeightedChoice(StrictModel):
 
 
 def _paper_lengths() -> list[WeightedChoice]:
-    # SPEC.md stage 1: <100 words x1, 100-200 x2, 200-300 x3, 300-400 x3, 400-500 x2, >=500 x1.
+    # The paper's stage 1: <100 words x1, 100-200 x2, 200-300 x3, 300-400 x3, 400-500 x2, >=500 x1.
     pairs = [("less than 100 words", 1), ("100 to 200 words", 2), ("200 to 300 words", 3),
              ("300 to 400 words", 3), ("400 to 500 words", 2), ("at least 500 words", 1)]
     return [WeightedChoice(label=a, weight=w) for a, w in pairs]
 
 
 def _paper_levels() -> list[WeightedChoice]:
-    # SPEC.md stage 1: high school x1, college x2, PhD x2.
+    # The paper's stage 1: high school x1, college x2, PhD x2.
     return [WeightedChoice(label="high school", weight=1), WeightedChoice(label="college", weight=2),
             WeightedChoice(label="PhD", weight=2)]
 
@@ -130,7 +130,7 @@ class DomainProfileConfig(StrictModel):
 
 
 class DomainFilterConfig(StrictModel):
-    """Optional LLM yes/no 'is this passage about <domain>?' filter (off by default, as in SPEC.md)."""
+    """Optional LLM yes/no 'is this passage about <domain>?' filter (off by default, as in the paper)."""
 
     enabled: bool = Field(False, description="Ask the generator LLM whether each eligible document fits the domain.")
     sampling: SamplingConfig = Field(

@@ -1,4 +1,4 @@
-"""Stage 3, reasoning-augmented relevance annotation (SPEC.md section 1, stage 3).
+"""Stage 3, reasoning-augmented relevance annotation (the ReasonEmbed paper's ReMixer, stage 3).
 
 Pointwise: one request per (query, candidate) pair, id ``pair_id = h("pair", query_id, doc_id)`` (which also
 seeds its vLLM sampling). The prompt carries the domain's relevance definition, query and document types, the

@@ -1,4 +1,4 @@
-"""Stage 4, formatting (SPEC.md section 1, stage 4): scored candidates -> training samples.
+"""Stage 4, formatting (the ReasonEmbed paper's ReMixer, stage 4): scored candidates -> training samples.
 
 Per query, in mining rank order: score >= ``pos_min_score`` (3) -> positive, score <= ``neg_max_score`` (2) ->
 negative; candidates whose annotation is an error row have no score and are left out (counted as ``unscored``).

@@ -1,4 +1,4 @@
-"""Stage 1, conditioned query generation, and the reasoning query q' (SPEC.md section 1, stage 1).
+"""Stage 1, conditioned query generation, and the reasoning query q' (the paper's stage 1).
 
 Generate (``synthesize/generate``): one request per (source, j < queries_per_doc) with id
 ``gen_id = h("gen", domain, doc_id, j)``. Its target length and education level are drawn from

@@ -1,7 +1,7 @@
 """Parse LLM outputs strictly: generated queries, relevance scores, yes/no answers.
 
 A parser returns ``(value, None)`` or ``(None, reason)``; the reason codes below are what the error tables and
-manifests count. Nothing is coerced: an unparseable score is an error row, never a silent -1 (SPEC.md stage 3).
+manifests count. Nothing is coerced: an unparseable score is an error row, never a silent -1 (the paper's stage 3).
 """
 
 from __future__ import annotations

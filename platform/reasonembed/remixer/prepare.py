@@ -1,6 +1,8 @@
-"""Stage 0, source preparation (SPEC.md section 1): read each domain corpus, drop gold documents of the benchmark's
-test queries (decontamination), drop exact duplicates, keep 200-5000 character documents, optionally ask the LLM
-whether each one belongs to the domain, and draw N sources per domain with a seeded sample.
+"""Stage 0, source preparation (the ReasonEmbed paper's ReMixer): read each domain corpus, drop gold documents of
+the benchmark's test queries (decontamination, by id and by text: a copy of a gold document under another id is gold
+too), drop exact duplicates, keep 200-5000 character documents, optionally ask the LLM whether each one belongs to
+the domain, and draw N sources per domain with a seeded sample. The stage's inputs (:func:`inputs_of`) are the
+fingerprints of the corpus and benchmark files it reads, so an edited corpus at the same path is refused, not reused.
 
 Outputs:
 - ``synthesize/pool/part-<domain>.parquet``: the mining pool (whole domain corpus, deduplicated and, with

@@ -1,4 +1,4 @@
-"""ReMixer prompts and per-domain profiles (SPEC.md section 1). The wording is ours; the fields and rules are the
+"""ReMixer prompts and per-domain profiles (the ReasonEmbed paper). The wording is ours; the fields and rules are the
 paper's: a per-domain task instruction, the document between content markers, output-only / self-contained rules,
 a sampled target length and education level (stage 1); a per-domain relevance definition with query and document
 types, three reasoning steps and a 1-5 score inside ``<score>`` tags (stage 3).
