@@ -118,27 +118,48 @@ def _probe_batch(tokenizer, texts: list[str]) -> dict[str, np.ndarray]:
 
 def _export(model_path: Path, out_dir: Path, precision: Precision, fuse: bool, key: str) -> ExportInfo:
     """Export, fuse, optionally quantise and verify into ``out_dir`` (a fresh folder)."""
+    t0 = time.time()
+    hf_cfg, wrapped, tokenizer = _load_for_export(model_path)
+    model_type = getattr(hf_cfg, "model_type", "")
+    raw = out_dir / "raw.onnx"
+    _trace(wrapped, tokenizer, raw, f"{model_path} ({model_type})")
+    graph, fused_ops = _fuse(raw, out_dir, hf_cfg, fuse)
+    final = out_dir / "model.onnx"
+    _finish_precision(graph, final, precision)
+    for tmp in (raw, out_dir / "fused.onnx"):
+        tmp.unlink(missing_ok=True)
+    diff = _verify(wrapped, tokenizer, final, precision, model_path)
+    info = ExportInfo(key, str(model_path), model_type, precision, fused_ops, diff, round(time.time() - t0, 2))
+    (out_dir / "meta.json").write_text(json.dumps(info.__dict__, indent=2))
+    return info
+
+
+def _load_for_export(model_path: Path):
+    """(HF config, the fp32 eager model wrapped to output hidden states, tokenizer). Eager attention because the
+    TorchScript exporter traces it into the subgraph the BERT fusions recognise (module docstring)."""
     import torch
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-    t0 = time.time()
     hf_cfg = AutoConfig.from_pretrained(str(model_path))
-    model_type = getattr(hf_cfg, "model_type", "")
     kwargs = {"attn_implementation": "eager", "dtype": torch.float32}
-    if model_type in _BERT_LIKE:
+    if getattr(hf_cfg, "model_type", "") in _BERT_LIKE:
         kwargs["add_pooling_layer"] = False
     model = AutoModel.from_pretrained(str(model_path), **kwargs).eval()
-    wrapped = _hidden_states_module(model)
-    tokenizer = AutoTokenizer.from_pretrained(str(model_path))
+    return hf_cfg, _hidden_states_module(model), AutoTokenizer.from_pretrained(str(model_path))
+
+
+def _trace(wrapped, tokenizer, raw: Path, what: str) -> None:
+    """Trace ``wrapped`` on a probe batch into ``raw`` with dynamic batch and sequence axes."""
+    import torch
+
     probe = _probe_batch(tokenizer, _TRACE_TEXTS)
     args = (torch.from_numpy(probe["input_ids"]), torch.from_numpy(probe["attention_mask"]))
-    raw = out_dir / "raw.onnx"
     axes = {"batch": 0, "seq": 1}
     dynamic = {n: {v: k for k, v in axes.items()} for n in ("input_ids", "attention_mask", "last_hidden_state")}
     try:
         # The tracer warns that transformers' mask code turns shape arithmetic into constants; those values
         # (padding_length == 0 when the mask is as wide as the ids) hold for every batch we feed, and the check
-        # below runs the graph on other shapes to prove it.
+        # in _verify runs the graph on other shapes to prove it.
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             warnings.filterwarnings("ignore", message=".*aten::index.*")
@@ -146,34 +167,46 @@ def _export(model_path: Path, out_dir: Path, precision: Precision, fuse: bool, k
                               output_names=["last_hidden_state"], dynamic_axes=dynamic, opset_version=OPSET,
                               dynamo=False, do_constant_folding=True)
     except Exception as exc:  # the exporter raises many types; name the model and keep the cause
-        raise OnnxExportError(f"ONNX export of {model_path} ({model_type}) failed: {exc}") from exc
-    graph = raw
-    fused_ops: dict = {}
-    if fuse and model_type in _BERT_LIKE:
-        from onnxruntime.transformers import optimizer
+        raise OnnxExportError(f"ONNX export of {what} failed: {exc}") from exc
 
-        opt = optimizer.optimize_model(str(raw), model_type="bert", num_heads=hf_cfg.num_attention_heads,
-                                       hidden_size=hf_cfg.hidden_size, opt_level=0)
-        fused_ops = {k: v for k, v in opt.get_fused_operator_statistics().items() if v}
-        graph = out_dir / "fused.onnx"
-        opt.save_model_to_file(str(graph))
-    final = out_dir / "model.onnx"
-    if precision == "int8":
-        import onnx
-        from onnxruntime.quantization import QuantType, quantize_dynamic
 
-        # The fused graph has contrib ops (Attention, SkipLayerNormalization) shape inference cannot type, hence
-        # DefaultTensorType; Attention becomes QAttention, MatMul becomes MatMulInteger. Per-channel weight scales
-        # matter: per-tensor int8 put MiniLM embeddings 0.1 cosine off, per-channel ~0.009 (32 SciFact docs).
-        # reduce_range (7-bit weights) avoids u8s8 saturation on CPUs without VNNI.
-        quantize_dynamic(str(graph), str(final), weight_type=QuantType.QInt8, per_channel=True, reduce_range=True,
-                         op_types_to_quantize=["MatMul", "Attention"],
-                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
-    else:
+def _fuse(raw: Path, out_dir: Path, hf_cfg, fuse: bool) -> tuple[Path, dict]:
+    """The graph to finish and its fused-op counts: ``out_dir/fused.onnx`` after ORT's BERT fusions when the model
+    is BERT-like and ``fuse``, else ``raw`` unchanged."""
+    if not (fuse and getattr(hf_cfg, "model_type", "") in _BERT_LIKE):
+        return raw, {}
+    from onnxruntime.transformers import optimizer
+
+    opt = optimizer.optimize_model(str(raw), model_type="bert", num_heads=hf_cfg.num_attention_heads,
+                                   hidden_size=hf_cfg.hidden_size, opt_level=0)
+    fused_ops = {k: v for k, v in opt.get_fused_operator_statistics().items() if v}
+    graph = out_dir / "fused.onnx"
+    opt.save_model_to_file(str(graph))
+    return graph, fused_ops
+
+
+def _finish_precision(graph: Path, final: Path, precision: Precision) -> None:
+    """Write ``final``: ``graph`` itself for fp32, its dynamic int8 quantisation for ``int8``."""
+    if precision != "int8":
         os.replace(graph, final)
-    for tmp in (raw, out_dir / "fused.onnx"):
-        tmp.unlink(missing_ok=True)
-    # Verify on a batch of another shape (real tokens only: padded positions are never pooled).
+        return
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    # The fused graph has contrib ops (Attention, SkipLayerNormalization) shape inference cannot type, hence
+    # DefaultTensorType; Attention becomes QAttention, MatMul becomes MatMulInteger. Per-channel weight scales
+    # matter: per-tensor int8 put MiniLM embeddings 0.1 cosine off, per-channel ~0.009 (32 SciFact docs).
+    # reduce_range (7-bit weights) avoids u8s8 saturation on CPUs without VNNI.
+    quantize_dynamic(str(graph), str(final), weight_type=QuantType.QInt8, per_channel=True, reduce_range=True,
+                     op_types_to_quantize=["MatMul", "Attention"],
+                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+
+
+def _verify(wrapped, tokenizer, final: Path, precision: Precision, model_path: Path) -> float:
+    """Max |ONNX - PyTorch| over real tokens of a batch of another shape than the trace (padded positions are never
+    pooled); raises when over the precision's tolerance, so a wrong graph is never cached."""
+    import torch
+
     check = _probe_batch(tokenizer, _CHECK_TEXTS)
     with torch.no_grad():
         ref = wrapped(torch.from_numpy(check["input_ids"]), torch.from_numpy(check["attention_mask"])).numpy()
@@ -183,9 +216,7 @@ def _export(model_path: Path, out_dir: Path, precision: Precision, fuse: bool, k
     tol = 1e-4 if precision == "fp32" else 1.0
     if not np.isfinite(diff) or diff > tol:
         raise OnnxExportError(f"ONNX graph of {model_path} differs from PyTorch by {diff:.2e} (> {tol}); not cached")
-    info = ExportInfo(key, str(model_path), model_type, precision, fused_ops, diff, round(time.time() - t0, 2))
-    (out_dir / "meta.json").write_text(json.dumps(info.__dict__, indent=2))
-    return info
+    return diff
 
 
 def ensure_onnx(model_path: str | Path, precision: Precision = "fp32", fuse: bool = True,

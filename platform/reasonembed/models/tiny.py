@@ -327,11 +327,26 @@ def train_tokenizer(vocab_size: int):
 
 def build_tiny_qwen3(out: Path, spec: TinyQwen3Spec, seed: int) -> None:
     """Write the model, tokenizer and generation config for ``(spec, seed)`` into the existing folder ``out``."""
-    import torch
-    from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
+    from transformers import GenerationConfig
 
     tok = train_tokenizer(spec.vocab_size)
     eos_id, im_start_id, im_end_id = (tok.token_to_id(t) for t in SPECIAL_TOKENS)
+    _write_tokenizer(out, tok, spec)
+    _write_weights(out, _qwen3_config(spec, eos_id, im_end_id), spec, seed)
+    GenerationConfig(
+        bos_token_id=eos_id, eos_token_id=[im_end_id, eos_id], pad_token_id=eos_id
+    ).save_pretrained(out)
+    # An ordinary README so the folder explains itself when found in a cache.
+    (out / "README.md").write_text(
+        f"# tiny-qwen3 (random weights)\n\nBuilt by reasonembed.models.tiny (build {BUILD_VERSION}), seed {seed}.\n"
+        f"Spec: {json.dumps(spec.model_dump(mode='json'), sort_keys=True)}\n"
+        f"im_start={im_start_id} im_end={im_end_id} endoftext={eos_id}\n"
+    )
+
+
+def _write_tokenizer(out: Path, tok, spec: TinyQwen3Spec) -> None:
+    """``tokenizer.json`` plus a Qwen2-style ``tokenizer_config.json`` (special tokens, chat template), so
+    ``AutoTokenizer`` loads it the way it loads a real Qwen3's."""
     (out / "tokenizer.json").write_text(tok.to_str(pretty=True))
     added = {
         str(tok.token_to_id(t)): {
@@ -356,7 +371,12 @@ def build_tiny_qwen3(out: Path, spec: TinyQwen3Spec, seed: int) -> None:
     }
     (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
 
-    config = Qwen3Config(
+
+def _qwen3_config(spec: TinyQwen3Spec, eos_id: int, im_end_id: int):
+    """The ``Qwen3Config`` of ``spec``, with the special-token ids the tokenizer gave them."""
+    from transformers import Qwen3Config
+
+    return Qwen3Config(
         vocab_size=spec.vocab_size,
         hidden_size=spec.hidden_size,
         intermediate_size=spec.intermediate_size,
@@ -374,6 +394,13 @@ def build_tiny_qwen3(out: Path, spec: TinyQwen3Spec, seed: int) -> None:
         pad_token_id=eos_id,
         architectures=["Qwen3ForCausalLM"],
     )
+
+
+def _write_weights(out: Path, config, spec: TinyQwen3Spec, seed: int) -> None:
+    """Random weights for ``config`` under ``seed``, cast to ``spec.dtype``, saved as safetensors."""
+    import torch
+    from transformers import Qwen3ForCausalLM
+
     dtype = getattr(torch, spec.dtype)
     # Initialise on CPU under a fixed seed, independent of the caller's global RNG state.
     with torch.random.fork_rng(devices=[]):
@@ -382,12 +409,3 @@ def build_tiny_qwen3(out: Path, spec: TinyQwen3Spec, seed: int) -> None:
     model = model.to(dtype).eval()
     model.config.dtype = spec.dtype
     model.save_pretrained(out)
-    GenerationConfig(
-        bos_token_id=eos_id, eos_token_id=[im_end_id, eos_id], pad_token_id=eos_id
-    ).save_pretrained(out)
-    # An ordinary README so the folder explains itself when found in a cache.
-    (out / "README.md").write_text(
-        f"# tiny-qwen3 (random weights)\n\nBuilt by reasonembed.models.tiny (build {BUILD_VERSION}), seed {seed}.\n"
-        f"Spec: {json.dumps(spec.model_dump(mode='json'), sort_keys=True)}\n"
-        f"im_start={im_start_id} im_end={im_end_id} endoftext={eos_id}\n"
-    )
