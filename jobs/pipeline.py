@@ -8,7 +8,7 @@ import argparse
 import sys
 
 from reasonembed.runtime import apply_env_defaults, setup_logging
-from reasonembed.workflow import run
+from reasonembed.workflow import DemoOptions, run
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__)
@@ -32,6 +32,7 @@ if __name__ == "__main__":
 
         print(json.dumps(smoke(), indent=2))
         sys.exit(0)
-    steps = run(out=args.out, run_id=args.run_id, generator=args.generator, eval_base=not args.no_base_eval,
-                overlap_base=not args.sequential, verbose=args.verbose or None)
+    steps = run(DemoOptions(out=args.out, run_id=args.run_id, generator=args.generator,
+                            eval_base=not args.no_base_eval, overlap_base=not args.sequential,
+                            verbose=args.verbose or None))
     sys.exit(0 if all(s.status == "SUCCEEDED" for s in steps) else 1)

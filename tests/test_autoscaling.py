@@ -94,9 +94,9 @@ def test_gpu_role_stage_scales_a_node_up_and_idle_removes_it(tmp_path):
 
         lines: list[str] = []
         # The driver stays on the head (no `driver` resource requested); the spec check runs against the same YAML.
-        opts = SubmitOptions(working_dir=str(wd), entrypoint_resources={}, poll_interval_s=1.0)
-        result = submit("probe", wd / "configs" / "probe.yaml", address=head.dashboard_url, retries=0,
-                        cluster_spec=str(spec_path), options=opts, echo=lines.append)
+        opts = SubmitOptions(working_dir=str(wd), entrypoint_resources={}, poll_interval_s=1.0,
+                             address=head.dashboard_url, retries=0, cluster_spec=str(spec_path))
+        result = submit("probe", wd / "configs" / "probe.yaml", options=opts, echo=lines.append)
         assert result.status == "SUCCEEDED"
         where = json.loads((out / "probe.json").read_text())
 

@@ -229,8 +229,8 @@ def test_unreachable_address_is_one_clear_line(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(wd)
     port = free_port()  # nothing listens there
     with pytest.raises(SubmitError) as err:
-        submit("flaky", wd / "configs" / "flaky.yaml", address=f"http://127.0.0.1:{port}",
-               options=SubmitOptions(working_dir=str(wd)))
+        submit("flaky", wd / "configs" / "flaky.yaml",
+               options=SubmitOptions(working_dir=str(wd), address=f"http://127.0.0.1:{port}"))
     msg = str(err.value)
     assert msg.startswith(f"cannot reach the Ray job API at http://127.0.0.1:{port}") and "\n" not in msg
     rc = submit_cli(["flaky", "--config", str(wd / "configs" / "flaky.yaml"), "--working-dir", str(wd),
@@ -281,9 +281,9 @@ def test_failed_job_is_retried_with_new_deterministic_ids(head, tmp_path, monkey
     wd = make_workdir(tmp_path, fail_times=2, run_id="retry-run")
     monkeypatch.chdir(wd)
     lines: list[str] = []
-    opts = SubmitOptions(working_dir=str(wd), poll_interval_s=0.5)
-    result = submit("flaky", wd / "configs" / "flaky.yaml", address=head.dashboard_url, retries=2,
-                    overrides=["probe_worker=true"], options=opts, echo=lines.append)
+    opts = SubmitOptions(working_dir=str(wd), poll_interval_s=0.5, address=head.dashboard_url)
+    result = submit("flaky", wd / "configs" / "flaky.yaml", ["probe_worker=true"],
+                    opts.model_copy(update={"retries": 2}), echo=lines.append)
     assert result.status == "SUCCEEDED"
     assert result.submission_ids == [submission_id("retry-run", "flaky", n) for n in (1, 2, 3)]
     assert (tmp_path / "runs.count").read_text() == "3"
@@ -308,8 +308,8 @@ def test_failed_job_is_retried_with_new_deterministic_ids(head, tmp_path, monkey
     assert info.entrypoint.startswith("python jobs/flaky.py --config configs/flaky.yaml probe_worker=true")
 
     # Submitting the same run again continues the numbering (Ray refuses reused ids) and succeeds at once.
-    again = submit("flaky", wd / "configs" / "flaky.yaml", address=head.dashboard_url, retries=0,
-                   follow=False, options=opts, echo=lines.append)
+    again = submit("flaky", wd / "configs" / "flaky.yaml",
+                   options=opts.model_copy(update={"retries": 0, "follow": False}), echo=lines.append)
     assert again.submission_ids == [submission_id("retry-run", "flaky", 4)] and again.status == "SUCCEEDED"
 
 
@@ -317,10 +317,10 @@ def test_failed_job_is_retried_with_new_deterministic_ids(head, tmp_path, monkey
 def test_retry_budget_stops_with_the_error_and_the_run_path(head, tmp_path, monkeypatch):
     wd = make_workdir(tmp_path, fail_times=5, run_id="doomed-run")
     monkeypatch.chdir(wd)
-    opts = SubmitOptions(working_dir=str(wd), poll_interval_s=0.5)
+    opts = SubmitOptions(working_dir=str(wd), poll_interval_s=0.5, address=head.dashboard_url, retries=1,
+                         follow=False)
     with pytest.raises(JobFailed) as err:
-        submit("flaky", wd / "configs" / "flaky.yaml", address=head.dashboard_url, retries=1, follow=False,
-               options=opts, echo=lambda line: None)
+        submit("flaky", wd / "configs" / "flaky.yaml", options=opts, echo=lambda line: None)
     msg = str(err.value)
     assert "failed 2 time(s), retry budget (1) used up" in msg
     assert "RuntimeError: planned failure 2 of 5" in msg

@@ -59,6 +59,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@dataclass(frozen=True)
+class StartLimits:
+    """How patient :meth:`LocalHead.start` is. Both only matter on a slow or busy machine, so they travel together
+    as one optional argument.
+
+    Attributes:
+        timeout_s: per attempt, for ``ray start --head`` to return and then for the job API to answer.
+        attempts: starts tried in all, each with new free ports, when Ray loses a port to another process.
+    """
+
+    timeout_s: float = 180
+    attempts: int = 3
+
+
 @dataclass
 class LocalHead:
     """A running private Ray head. Create it with :meth:`start`; stop it with :meth:`stop` (or a ``with`` block)."""
@@ -88,8 +102,7 @@ class LocalHead:
         object_store_mb: int = 128,
         autoscaling_config: str | Path | dict | None = None,
         env: dict[str, str] | None = None,
-        timeout_s: float = 180,
-        attempts: int = 3,
+        limits: StartLimits | None = None,
     ) -> LocalHead:
         """Run ``ray start --head`` on 127.0.0.1 with free ports and a private temp dir; return once it is up.
 
@@ -100,17 +113,19 @@ class LocalHead:
         ``python`` resolves to it.
 
         Free ports are picked, then bound by Ray a moment later; on a busy machine another process can take one in
-        between. Such a start is cleaned up and retried with new ports, up to ``attempts`` times.
+        between. Such a start is cleaned up and retried with new ports, up to ``limits.attempts`` times
+        (:class:`StartLimits`).
         """
+        limits = limits or StartLimits()
         last_error = ""
-        for _ in range(attempts):
+        for _ in range(limits.attempts):
             try:
                 return cls._start_once(num_cpus, num_gpus, resources, object_store_mb, autoscaling_config, env,
-                                       timeout_s)
+                                       limits.timeout_s)
             except _PortTaken as exc:
                 last_error = str(exc)
                 log.warning("ray start hit a port taken by another process; retrying with new ports")
-        raise RuntimeError(f"`ray start --head` failed {attempts} times on taken ports:\n{last_error}")
+        raise RuntimeError(f"`ray start --head` failed {limits.attempts} times on taken ports:\n{last_error}")
 
     @classmethod
     def _start_once(cls, num_cpus, num_gpus, resources, object_store_mb, autoscaling_config, env, timeout_s):

@@ -37,7 +37,6 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlparse
 
 from reasonembed.cluster_spec import ResourceMismatch, check_resources
@@ -158,14 +157,10 @@ def _wait(client, sid: str, opts: SubmitOptions, echo: Callable[[str], None]) ->
 def submit(
     verb: str,
     config_path: str | Path,
-    address: str | None = None,
     overrides: Sequence[str] = (),
-    retries: int | None = None,
-    follow: bool = True,
-    *,
-    cluster_spec: str | None = None,
-    script: str | None = None,
     options: SubmitOptions | None = None,
+    *,
+    script: str | None = None,
     echo: Callable[[str], None] | None = None,
 ) -> SubmitResult:
     """Submit ``jobs/<verb>.py --config <config_path> <overrides>`` and wait, resubmitting a FAILED job.
@@ -173,54 +168,27 @@ def submit(
     Args:
         verb: job name (encode, evaluate, synthesize, train, pipeline, ...); the script is ``jobs/<verb>.py``.
         config_path: the job's YAML config, inside the working dir (it travels with the upload).
-        address: job API address (default RAY_API_SERVER_ADDRESS, else http://127.0.0.1:8265).
         overrides: dotted ``key=value`` overrides, passed to the job and checked here first.
-        retries: resubmissions after FAILED (default 2); each resumes by shard.
-        follow: stream the driver's logs.
-        cluster_spec: cluster YAML whose node types must cover the config's resource requests.
+        options: how the job is handed to the cluster (:class:`SubmitOptions`: ``address``, ``retries``,
+            ``follow``, ``cluster_spec``, ``wait``, ...). One object rather than a keyword per knob, so the CLI,
+            the demo and tests build it once and every knob is validated in one place.
         script: entrypoint script relative to the working dir, instead of ``jobs/<verb>.py``.
-        options: every other knob (:class:`SubmitOptions`); the explicit arguments above win over it.
         echo: where progress and log lines go (default: stdout).
 
     Returns the final :class:`SubmitResult` (status SUCCEEDED, or PENDING/RUNNING when ``options.wait`` is False).
     Raises ConfigError (bad config, ResourceMismatch) or SubmitError (unreachable, failed after the budget).
     """
-    updates: dict[str, Any] = {"follow": follow}
-    if address is not None:
-        updates["address"] = address
-    if retries is not None:
-        updates["retries"] = retries
-    if cluster_spec is not None:
-        updates["cluster_spec"] = cluster_spec
-    opts = SubmitOptions.model_validate({**(options or SubmitOptions()).model_dump(), **updates})
-    echo = echo or (lambda line: print(line, flush=True))
-
+    opts = options or SubmitOptions()
+    echo = echo or _print_line
     p = plan(verb, config_path, overrides, opts, script=script)
     client = connect(opts.address, opts.connect_timeout_s)
     base = base_submission_id(p.run_id, verb)
-    earlier = _existing_attempts(client, base)
+    sid, attempt = _running_or_next(client, base, echo)
     result = SubmitResult(status="PENDING", run_root=p.run_root)
-    attempt = max(earlier, default=0) + 1
-    running = sorted(n for n, st in earlier.items() if st not in TERMINAL)
-    if running:
-        # Never run two drivers of the same stage at once: they would race on the same shards.
-        sid = f"{base}-{running[-1]}"
-        echo(f"[reasonembed submit] {sid} is already {earlier[running[-1]]}; following it instead of resubmitting")
-    else:
-        sid = None
     while True:
         if sid is None:
             sid = f"{base}-{attempt}"
-            echo(f"[reasonembed submit] submitting {sid} to {opts.address}: {p.entrypoint}")
-            client.submit_job(
-                entrypoint=p.entrypoint,
-                submission_id=sid,
-                runtime_env=p.runtime_env,
-                entrypoint_num_cpus=p.entrypoint_num_cpus or None,
-                entrypoint_num_gpus=opts.entrypoint_num_gpus or None,
-                entrypoint_resources=p.entrypoint_resources or None,
-                metadata={"reasonembed_verb": verb, "reasonembed_run_id": p.run_id, "attempt": str(attempt)},
-            )
+            _submit_attempt(client, p, opts, sid, attempt, echo)
             attempt += 1
         result.submission_ids.append(sid)
         if not opts.wait:
@@ -229,20 +197,63 @@ def submit(
         result.status = _wait(client, sid, opts, echo)
         if result.status == "SUCCEEDED":
             return result
-        info = client.get_job_info(sid)
-        reason = last_error_line(client.get_job_logs(sid), fallback=info.message or "")
-        if result.status == "STOPPED":
-            raise JobFailed(f"{sid} was stopped ({reason}); not retried. Resubmit to resume by shard.")
-        n = len(result.submission_ids)
-        if n > opts.retries:
-            raise JobFailed(
-                f"{verb} failed {n} time(s), retry budget ({opts.retries}) used up; last error: {reason} | "
-                f"driver log: `ray job logs {sid} --address {opts.address}` | finished stages and shards are kept "
-                f"under {p.run_root}/; the failing stage's error rows are in {p.run_root}/<stage>/errors/"
-            )
-        echo(f"[reasonembed submit] {sid} FAILED ({reason}); retry {n}/{opts.retries}: finished shards are kept "
-             "and skipped")
+        _raise_unless_retrying(client, sid, result, p, opts, echo)
         sid = None
+
+
+def _print_line(line: str) -> None:
+    print(line, flush=True)
+
+
+def _running_or_next(client, base: str, echo: Callable[[str], None]) -> tuple[str | None, int]:
+    """(id of an earlier attempt of this run and verb that is still running, else None; the next attempt number).
+
+    Never run two drivers of the same stage at once: they would race on the same shards. So a running attempt is
+    followed instead of resubmitted, and numbering continues after every earlier attempt (Ray refuses reused ids).
+    """
+    earlier = _existing_attempts(client, base)
+    attempt = max(earlier, default=0) + 1
+    running = sorted(n for n, st in earlier.items() if st not in TERMINAL)
+    if not running:
+        return None, attempt
+    sid = f"{base}-{running[-1]}"
+    echo(f"[reasonembed submit] {sid} is already {earlier[running[-1]]}; following it instead of resubmitting")
+    return sid, attempt
+
+
+def _submit_attempt(client, p: SubmitPlan, opts: SubmitOptions, sid: str, attempt: int,
+                    echo: Callable[[str], None]) -> None:
+    """Hand attempt ``attempt`` to the job API as ``sid``, with the plan's entrypoint, runtime env and driver
+    placement; the metadata names the verb, run and attempt so `ray job list` explains itself."""
+    echo(f"[reasonembed submit] submitting {sid} to {opts.address}: {p.entrypoint}")
+    client.submit_job(
+        entrypoint=p.entrypoint,
+        submission_id=sid,
+        runtime_env=p.runtime_env,
+        entrypoint_num_cpus=p.entrypoint_num_cpus or None,
+        entrypoint_num_gpus=opts.entrypoint_num_gpus or None,
+        entrypoint_resources=p.entrypoint_resources or None,
+        metadata={"reasonembed_verb": p.verb, "reasonembed_run_id": p.run_id, "attempt": str(attempt)},
+    )
+
+
+def _raise_unless_retrying(client, sid: str, result: SubmitResult, p: SubmitPlan, opts: SubmitOptions,
+                           echo: Callable[[str], None]) -> None:
+    """After ``sid`` ended without success: raise JobFailed when it was STOPPED (someone meant it) or the retry
+    budget is used up, naming the driver's last error line and where finished work is kept; else announce the retry."""
+    info = client.get_job_info(sid)
+    reason = last_error_line(client.get_job_logs(sid), fallback=info.message or "")
+    if result.status == "STOPPED":
+        raise JobFailed(f"{sid} was stopped ({reason}); not retried. Resubmit to resume by shard.")
+    n = len(result.submission_ids)
+    if n > opts.retries:
+        raise JobFailed(
+            f"{p.verb} failed {n} time(s), retry budget ({opts.retries}) used up; last error: {reason} | "
+            f"driver log: `ray job logs {sid} --address {opts.address}` | finished stages and shards are kept "
+            f"under {p.run_root}/; the failing stage's error rows are in {p.run_root}/<stage>/errors/"
+        )
+    echo(f"[reasonembed submit] {sid} FAILED ({reason}); retry {n}/{opts.retries}: finished shards are kept "
+         "and skipped")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -267,10 +278,10 @@ def submit_cli(args: argparse.Namespace | Sequence[str]) -> int:
         # Intermixed: overrides may come before or after the options (`submit encode a=1 --address X b=2`).
         args = add_arguments(argparse.ArgumentParser(prog="reasonembed submit")).parse_intermixed_args(list(args))
     try:
-        opts = SubmitOptions(working_dir=args.working_dir, wait=not args.no_wait)
-        result = submit(args.verb, args.config, address=args.address, overrides=args.overrides,
-                        retries=args.retries, follow=not args.no_follow, cluster_spec=args.cluster_spec,
-                        options=opts)
+        given = {"address": args.address, "retries": args.retries, "cluster_spec": args.cluster_spec}
+        opts = SubmitOptions(working_dir=args.working_dir, wait=not args.no_wait, follow=not args.no_follow,
+                             **{k: v for k, v in given.items() if v is not None})  # unset: the options' defaults
+        result = submit(args.verb, args.config, args.overrides, opts)
     except JobFailed as exc:
         print(f"reasonembed submit: {exc}", file=sys.stderr)
         return 1

@@ -125,6 +125,22 @@ def plan(
     if not (wd / script).is_file():
         raise SubmitError(f"{script} not found under {wd}: run from the repository root or pass --working-dir")
     cfg_path = Path(config_path).resolve()
+    cfg_rel = _uploaded_config(config_path, cfg_path, wd, opts.excludes)
+    cfg = _job_config_dict(verb, cfg_path, overrides)
+    entry_res, entry_cpus = _driver_placement(cfg, opts)
+    run_id = str(cfg.get("run_id") or "run")
+    local = is_loopback(opts.address)
+    here = Path.cwd()
+    out = _absolute_paths(cfg, overrides, here, local, opts.address)
+    run_root = f"{str(out).rstrip('/')}/{run_id}" if out else run_id
+    entrypoint = shlex.join([opts.python, script, "--config", str(cfg_rel), *overrides])
+    runtime_env = _runtime_env(opts, wd, here, local)
+    return SubmitPlan(verb, run_id, run_root, entrypoint, runtime_env, entry_res, entry_cpus, overrides)
+
+
+def _uploaded_config(config_path: str | Path, cfg_path: Path, wd: Path, excludes: list[str]) -> Path:
+    """The config's path relative to the working dir. The job reads it from the uploaded copy, so a config outside
+    the working dir, or under an excluded folder, would not be there: both are errors before any upload."""
     try:
         cfg_rel = cfg_path.relative_to(wd)
     except ValueError:
@@ -134,12 +150,19 @@ def plan(
     # The same matcher Ray's packager uses on the working dir (gitwildmatch over paths relative to it).
     from ray._private.thirdparty.pathspec import PathSpec
 
-    spec = PathSpec.from_lines("gitwildmatch", opts.excludes)
+    spec = PathSpec.from_lines("gitwildmatch", excludes)
     if any(spec.match_file(str(Path(*cfg_rel.parts[:i]))) for i in range(1, len(cfg_rel.parts) + 1)):
-        raise SubmitError(f"config {cfg_rel} is excluded from the upload (excludes: {', '.join(opts.excludes)}); "
+        raise SubmitError(f"config {cfg_rel} is excluded from the upload (excludes: {', '.join(excludes)}); "
                           "move it to configs/")
-    cfg = _job_config_dict(verb, cfg_path, overrides)
+    return cfg_rel
 
+
+def _driver_placement(cfg: dict[str, Any], opts: SubmitOptions) -> tuple[dict[str, float], float]:
+    """(custom resources, CPUs) for the driver, checked against the cluster spec when there is one.
+
+    Unset options follow the spec: when it declares a ``driver`` resource the driver asks for it and one CPU (a
+    real core on an on-demand CPU node); otherwise nothing, Ray's default (see :class:`SubmitOptions`).
+    """
     if opts.cluster_spec:
         check_resources(cfg, opts.cluster_spec)
     has_driver_nodes = bool(opts.cluster_spec) and declares(opts.cluster_spec, "driver")
@@ -151,15 +174,21 @@ def plan(
         entry_cpus = 1.0 if has_driver_nodes else 0.0
     if opts.cluster_spec and entry_res:
         check_resources({"entrypoint_resources": entry_res, "num_cpus": entry_cpus}, opts.cluster_spec)
+    return entry_res, entry_cpus
 
-    run_id = str(cfg.get("run_id") or "run")
-    local = is_loopback(opts.address)
-    here = Path.cwd()
+
+def _absolute_paths(cfg: dict[str, Any], overrides: list[str], here: Path, local: bool, address: str) -> Any:
+    """Append overrides that make the config's relative local paths absolute; returns the (possibly new) ``out``.
+
+    The job runs in a temporary copy of the working dir: a relative ``out`` would vanish with it, and relative
+    input paths would not resolve. On a cluster on this machine they become absolute (what they mean here); on a
+    remote cluster they are an error naming the fix.
+    """
     out = cfg.get("out")
     if isinstance(out, str) and _is_relative_local(out):
         if not local:
             raise SubmitError(
-                f"out={out!r} is a relative local path: on the remote cluster at {opts.address} it would land in "
+                f"out={out!r} is a relative local path: on the remote cluster at {address} it would land in "
                 "the job's temporary working dir and vanish with it; set out=s3://<bucket>/<prefix> (or a path on a "
                 "filesystem every node mounts)"
             )
@@ -170,13 +199,16 @@ def plan(
             continue
         if not local:
             raise SubmitError(
-                f"{key}={value!r} is a path on this machine; the cluster at {opts.address} cannot read it. "
+                f"{key}={value!r} is a path on this machine; the cluster at {address} cannot read it. "
                 "Upload the data (s3://...) and point the config there"
             )
         overrides.append(f"{key}={(here / value).resolve()}")
-    run_root = f"{str(out).rstrip('/')}/{run_id}" if out else run_id
+    return out
 
-    entrypoint = shlex.join([opts.python, script, "--config", str(cfg_rel), *overrides])
+
+def _runtime_env(opts: SubmitOptions, wd: Path, here: Path, local: bool) -> dict[str, Any]:
+    """The job's runtime env: the working dir upload minus excludes, REASONEMBED_* variables from here plus
+    ``opts.env_vars``, and ``PYTHONPATH=platform`` when the working dir is a checkout of this library."""
     env = {k: v for k, v in os.environ.items() if k.startswith("REASONEMBED_")}
     if local:
         # The library's data dir defaults to ../shared/data relative to the working directory; pin what it is here.
@@ -192,4 +224,4 @@ def plan(
     runtime_env: dict[str, Any] = {"working_dir": str(wd), "excludes": list(opts.excludes)}
     if env:
         runtime_env["env_vars"] = env
-    return SubmitPlan(verb, run_id, run_root, entrypoint, runtime_env, entry_res, entry_cpus, overrides)
+    return runtime_env

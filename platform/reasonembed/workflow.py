@@ -31,9 +31,13 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from reasonembed import progress
 from reasonembed.storage import join
+
+if TYPE_CHECKING:
+    from reasonembed.local_head import LocalHead
 
 SMALL_MODEL_NOTE = ("SmolLM2-135M (the default generator and annotator) writes readable claims but is a weak "
                     "annotator: near chance on SciFact (reasonembed audit-annotator). The samples show the loop, not "
@@ -168,79 +172,186 @@ def serve_once(head_address: str, model: str, index: str | None, repo: Path) -> 
             os.killpg(proc.pid, signal.SIGKILL)
 
 
-def run(out: str = "runs", run_id: str = "demo", generator: str | None = None, data_dir: str | None = None,
-        eval_base: bool = True, retries: int = 1, repo: Path | None = None, overlap_base: bool = True,
-        verbose: bool | None = None) -> list[Step]:
+@dataclass(frozen=True)
+class DemoOptions:
+    """What a caller of :func:`run` (jobs/pipeline.py, `make demo`) may change; the defaults are the documented demo.
+
+    Attributes:
+        out: run root (a local folder); everything lands under ``<out>/<run_id>/``.
+        run_id: the run's name (``<out>/<run_id>``).
+        generator: HF model for generation and annotation (None: the preset's SmolLM2-135M).
+        data_dir: benchmark data root (default REASONEMBED_DATA_DIR, else ``../shared/data`` beside the repo).
+        eval_base: also evaluate the base model, for comparison.
+        retries: resubmissions per job after a failure (each resumes by shard).
+        repo: the checkout whose jobs/ and configs/ are submitted (default: the one this module is in).
+        overlap_base: run the base model's evaluation beside the chain instead of after it (see :func:`run`).
+        verbose: stream every job's log to the console (None: REASONEMBED_VERBOSE).
+    """
+
+    out: str = "runs"
+    run_id: str = "demo"
+    generator: str | None = None
+    data_dir: str | None = None
+    eval_base: bool = True
+    retries: int = 1
+    repo: Path | None = None
+    overlap_base: bool = True
+    verbose: bool | None = None
+
+
+def run(options: DemoOptions | None = None) -> list[Step]:
     """Run the whole story on a private local cluster; returns the steps (also printed as a table).
 
-    ``verbose``: stream every job's log to the console (default: REASONEMBED_VERBOSE); otherwise one progress line
-    per step and the logs in files under ``<out>/<run_id>/logs/`` (see the module docstring).
+    ``options.verbose``: stream every job's log to the console (default: REASONEMBED_VERBOSE); otherwise one
+    progress line per step and the logs in files under ``<out>/<run_id>/logs/`` (see the module docstring).
 
-    ``overlap_base``: the base model's evaluation depends on nothing else, so it is submitted at the start and runs
-    beside the chain synthesize -> train -> encode -> evaluate. Why: the chain's first two jobs spend much of their
-    time starting processes and engines (imports, vLLM start-up, Ray Train workers) and leave cores idle, which the
-    base model's full-corpus encoding fills. The head then advertises twice its cores as logical CPUs, so the two
-    jobs' actors and tasks never wait on each other's reservations (Ray's CPU counts are slots, not cores).
+    ``options.overlap_base``: the base model's evaluation depends on nothing else, so it is submitted at the start
+    and runs beside the chain synthesize -> train -> encode -> evaluate. Why: the chain's first two jobs spend much
+    of their time starting processes and engines (imports, vLLM start-up, Ray Train workers) and leave cores idle,
+    which the base model's full-corpus encoding fills. The head then advertises twice its cores as logical CPUs, so
+    the two jobs' actors and tasks never wait on each other's reservations (Ray's CPU counts are slots, not cores).
     """
-    from concurrent.futures import ThreadPoolExecutor
-
-    from reasonembed.config.submit import SubmitOptions
-    from reasonembed.job_logging import is_verbose, open_log_file, reset_job_logging, setup_job_logging
+    from reasonembed.job_logging import open_log_file, reset_job_logging, setup_job_logging
     from reasonembed.local_head import LocalHead
-    from reasonembed.submit import SubmitError, submit
 
-    repo = repo or Path(__file__).resolve().parents[2]
-    data_dir = str(Path(data_dir or os.environ.get("REASONEMBED_DATA_DIR", repo.parent / "shared" / "data")).resolve())
-    out = str(Path(out).resolve())
-    scifact = f"{data_dir}/beir/scifact"
-    root = join(out, run_id)
-    common = [f"run_id={run_id}", f"out={out}"]
-    gen = [f"generator.model={generator}", f"annotator.model={generator}"] if generator else []
-    steps = [
-        ("synthesize", "configs/synthesize/local-tiny.yaml", [*common, f"data.corpus={scifact}", *gen]),
-        # A handful of samples (queries need a positive and a negative, and a 135 M annotator gives few positives):
-        # one query per worker per step (global batch 2) and a few epochs, so the demo always takes some steps.
-        ("train", "configs/train/local-tiny.yaml", [*common, f"data.paths=[{root}/synthesize/format]",
-                                                    "data.batch_size=1", "optim.epochs=4"]),
-        ("encode", "configs/encode/local-tiny.yaml",
-         [*common, f"data.path={scifact}", f"embedder.model={root}/model"]),
-        ("evaluate", "configs/evaluate/local-tiny.yaml",
-         [*common, f"tasks=[{scifact}]", f"embedder.model={root}/model", f"prebuilt_index={root}/encode/index",
-          f"out={root}/eval-trained", "name=MiniLM+RI-InfoNCE (demo)"]),
-    ]
-    base = ("evaluate", "configs/evaluate/local-tiny.yaml",
-            [*common, f"tasks=[{scifact}]", "embedder.model=minilm", f"out={root}/eval-base"])
-    if eval_base and not overlap_base:
+    opts = options or DemoOptions()
+    demo = _Demo.resolve(opts)
+    steps = demo.chain()
+    base = demo.base_evaluation()
+    if opts.eval_base and not opts.overlap_base:
         steps.append(base)
-    env = {"REASONEMBED_DATA_DIR": data_dir, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
-    verbose = is_verbose(verbose)
-    logs = Path(root) / "logs"
-    # The jobs' own console: verbose or quiet like this run; progress as plain lines (their output is captured),
-    # often enough for the relayed line to move.
-    job_env = {"REASONEMBED_VERBOSE": "1" if verbose else "0", "REASONEMBED_PROGRESS": "log",
-               "REASONEMBED_PROGRESS_INTERVAL": "5"}
-    if not verbose:
+    if not demo.verbose:
         # This process's own Ray client logs (working-dir packaging, job API) go to <root>/logs/demo-<time>.log.
-        setup_job_logging("demo", out, run_id, verbose=False)
+        setup_job_logging("demo", demo.out, opts.run_id, verbose=False)
         open_log_file()
-    results: list[Step] = []
     t_all = time.time()
-    overlap = eval_base and overlap_base  # 2 cores, advertised as 4 logical CPUs when two jobs share them
-    head = LocalHead.start(num_cpus=4 if overlap else 2, object_store_mb=512, env=env)
+    overlap = opts.eval_base and opts.overlap_base  # 2 cores, advertised as 4 logical CPUs when two jobs share them
+    demo.head = LocalHead.start(num_cpus=4 if overlap else 2, object_store_mb=512, env=demo.head_env)
+    try:
+        results = demo.run_jobs(steps, base if overlap else None)
+    finally:
+        demo.head.stop()
+        reset_job_logging()
+    _fill_details(results, demo.root, demo.scifact)
+    print_summary(results, demo.root, time.time() - t_all, opts.generator)
+    print_samples(demo.root)
+    if not demo.verbose:
+        print(f"logs: {demo.logs}/ (demo-<step>-*.log: each job's output; <verb>-*.log: its Ray and vLLM logs)")
+    return results
 
-    def run_step(verb: str, config: str, overrides: list[str], echo=None) -> Step:
+
+# One job of the demo: (verb, config relative to the repo, dotted overrides).
+_Job = tuple[str, str, list[str]]
+
+
+@dataclass
+class _Demo:
+    """One demo run, its paths resolved: builds the jobs' overrides and runs them on ``head``."""
+
+    opts: DemoOptions
+    repo: Path
+    data_dir: str
+    out: str
+    verbose: bool
+    head: LocalHead | None = None  # set once started
+
+    @classmethod
+    def resolve(cls, opts: DemoOptions) -> _Demo:
+        from reasonembed.job_logging import is_verbose
+
+        repo = opts.repo or Path(__file__).resolve().parents[2]
+        data_dir = opts.data_dir or os.environ.get("REASONEMBED_DATA_DIR", repo.parent / "shared" / "data")
+        data_dir = str(Path(data_dir).resolve())
+        return cls(opts, repo, data_dir, str(Path(opts.out).resolve()), is_verbose(opts.verbose))
+
+    @property
+    def root(self) -> str:
+        return join(self.out, self.opts.run_id)
+
+    @property
+    def scifact(self) -> str:
+        return f"{self.data_dir}/beir/scifact"
+
+    @property
+    def logs(self) -> Path:
+        return Path(self.root) / "logs"
+
+    @property
+    def head_env(self) -> dict[str, str]:
+        return {"REASONEMBED_DATA_DIR": self.data_dir, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
+
+    @property
+    def job_env(self) -> dict[str, str]:
+        """The jobs' own console: verbose or quiet like this run; progress as plain lines (their output is
+        captured), often enough for the relayed line to move."""
+        return {"REASONEMBED_VERBOSE": "1" if self.verbose else "0", "REASONEMBED_PROGRESS": "log",
+                "REASONEMBED_PROGRESS_INTERVAL": "5"}
+
+    def _common(self) -> list[str]:
+        return [f"run_id={self.opts.run_id}", f"out={self.out}"]
+
+    def chain(self) -> list[_Job]:
+        """synthesize -> train -> encode -> evaluate (trained), each reading the one before's output."""
+        root, scifact, common, g = self.root, self.scifact, self._common(), self.opts.generator
+        gen = [f"generator.model={g}", f"annotator.model={g}"] if g else []
+        return [
+            ("synthesize", "configs/synthesize/local-tiny.yaml", [*common, f"data.corpus={scifact}", *gen]),
+            # A handful of samples (queries need a positive and a negative, and a 135 M annotator gives few
+            # positives): one query per worker per step (global batch 2) and a few epochs, so the demo always takes
+            # some steps.
+            ("train", "configs/train/local-tiny.yaml", [*common, f"data.paths=[{root}/synthesize/format]",
+                                                        "data.batch_size=1", "optim.epochs=4"]),
+            ("encode", "configs/encode/local-tiny.yaml",
+             [*common, f"data.path={scifact}", f"embedder.model={root}/model"]),
+            ("evaluate", "configs/evaluate/local-tiny.yaml",
+             [*common, f"tasks=[{scifact}]", f"embedder.model={root}/model", f"prebuilt_index={root}/encode/index",
+              f"out={root}/eval-trained", "name=MiniLM+RI-InfoNCE (demo)"]),
+        ]
+
+    def base_evaluation(self) -> _Job:
+        """The base model's evaluation, the number the trained model is compared with."""
+        return ("evaluate", "configs/evaluate/local-tiny.yaml",
+                [*self._common(), f"tasks=[{self.scifact}]", "embedder.model=minilm", f"out={self.root}/eval-base"])
+
+    def run_jobs(self, steps: list[_Job], side_job: _Job | None) -> list[Step]:
+        """The chain in order (stopping at the first failure), then the Serve step; ``side_job`` runs beside it."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        results: list[Step] = []
+        pool = ThreadPoolExecutor(max_workers=1)
+        try:
+            side = (pool.submit(self.run_step, *side_job, echo=lambda line: print(f"[base model] {line}", flush=True))
+                    if side_job else None)  # (the prefix is for verbose mode; otherwise each step has its own line)
+            for verb, config, overrides in steps:
+                step = self.run_step(verb, config, overrides)
+                results.append(step)
+                if step.status != "SUCCEEDED":
+                    break
+            else:
+                results.append(self.serve_step())
+            if side is not None:
+                results.append(side.result())  # the base model's evaluation ran beside the chain
+        finally:
+            pool.shutdown(wait=True)
+        return results
+
+    def run_step(self, verb: str, config: str, overrides: list[str], echo=None) -> Step:
+        """Submit one job and wait; a job that fails after its retries is a FAILED row, not a traceback."""
+        from reasonembed.config.submit import SubmitOptions
+        from reasonembed.submit import SubmitError, submit
+
         label = verb if verb != "evaluate" else ("evaluate (base)" if "embedder.model=minilm" in overrides
                                                  else "evaluate (trained)")
         step = Step(label)
         t0 = time.time()
-        console = None if verbose else StepConsole(
-            label, logs / f"demo-{_slug(label)}-{time.strftime('%Y%m%d-%H%M%S')}.log")
+        console = None if self.verbose else StepConsole(
+            label, self.logs / f"demo-{_slug(label)}-{time.strftime('%Y%m%d-%H%M%S')}.log")
+        options = SubmitOptions(address=self.head.dashboard_url, retries=self.opts.retries, env_vars=self.job_env)
         try:
-            res = submit(verb, repo / config, address=head.dashboard_url, overrides=overrides, retries=retries,
-                         echo=console or echo, options=SubmitOptions(env_vars=job_env))
+            res = submit(verb, self.repo / config, overrides, options, echo=console or echo)
             step.status = res.status
             step.detail["submission"] = res.submission_id
-        except SubmitError as exc:  # failed after its retries: a FAILED row in the table, not a traceback
+        except SubmitError as exc:
             step.status, step.detail["error"] = "FAILED", str(exc)[-300:]
         except BaseException:
             if console is not None:
@@ -251,39 +362,20 @@ def run(out: str = "runs", run_id: str = "demo", generator: str | None = None, d
             console.close(step.status, step.seconds)
         return step
 
-    pool = ThreadPoolExecutor(max_workers=1)
-    try:
-        side = (pool.submit(run_step, *base, echo=lambda line: print(f"[base model] {line}", flush=True))
-                if overlap else None)  # (the prefix is for verbose mode; otherwise each step has its own line)
-        for verb, config, overrides in steps:
-            step = run_step(verb, config, overrides)
-            results.append(step)
-            if step.status != "SUCCEEDED":
-                break
-        else:
-            step = Step("serve + OpenAI client")
-            t0 = time.time()
-            with progress.step(step.name, total=1, unit="requests") as bar:
-                try:
-                    step.detail = serve_once(head.address, f"{root}/model", f"{root}/encode/index", repo)
-                    step.status = "SUCCEEDED"
-                    bar.update(1)
-                except (RuntimeError, TimeoutError, OSError) as exc:
-                    step.status, step.detail = "FAILED", {"error": str(exc)[-500:]}
-            step.seconds = time.time() - t0
-            results.append(step)
-        if side is not None:
-            results.append(side.result())  # the base model's evaluation ran beside the chain
-    finally:
-        pool.shutdown(wait=True)
-        head.stop()
-        reset_job_logging()
-    _fill_details(results, root, scifact)
-    print_summary(results, root, time.time() - t_all, generator)
-    print_samples(root)
-    if not verbose:
-        print(f"logs: {logs}/ (demo-<step>-*.log: each job's output; <verb>-*.log: its Ray and vLLM logs)")
-    return results
+    def serve_step(self) -> Step:
+        """Serve the trained model and its index on the same cluster and query it once (:func:`serve_once`)."""
+        step = Step("serve + OpenAI client")
+        t0 = time.time()
+        with progress.step(step.name, total=1, unit="requests") as bar:
+            try:
+                step.detail = serve_once(self.head.address, f"{self.root}/model", f"{self.root}/encode/index",
+                                         self.repo)
+                step.status = "SUCCEEDED"
+                bar.update(1)
+            except (RuntimeError, TimeoutError, OSError) as exc:
+                step.status, step.detail = "FAILED", {"error": str(exc)[-500:]}
+        step.seconds = time.time() - t0
+        return step
 
 
 def _fill_details(steps: list[Step], root: str, scifact: str) -> None:
