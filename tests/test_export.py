@@ -16,7 +16,7 @@ import torch
 from reasonembed.config.embedder import EmbedderConfig
 from reasonembed.models.embedder import Embedder
 from reasonembed.models.lora import apply_lora, merged
-from reasonembed.redapter.export import export_model, prompt_prefix, st_prompts
+from reasonembed.redapter.export import SentenceFormat, export_model, prompt_prefix, st_prompts
 
 INSTRUCTION = "Given a forum question, retrieve the post that answers it"
 QUERIES = ["Who has participated in a community skills workshop in Japan?", "Which speaker has been to Lima?"]
@@ -57,9 +57,9 @@ def test_sentence_transformers_matches_platform_embedder(ref, tmp_path, tiny_qwe
         model = merged(model)
         assert not any("lora" in n for n, _ in model.named_parameters())
     out = tmp_path / "model"
-    export_model(model, base.tokenizer, str(out), pooling=base.pooling, normalize=True, max_length=base.max_length,
-                 append_eos=base.append_eos, prompts=st_prompts(base.cfg.query_format, INSTRUCTION),
-                 info={"base_model": ref})
+    fmt = SentenceFormat(pooling=base.pooling, normalize=True, max_length=base.max_length,
+                         append_eos=base.append_eos, prompts=st_prompts(base.cfg.query_format, INSTRUCTION))
+    export_model(model, base.tokenizer, str(out), fmt, info={"base_model": ref})
 
     pool = json.loads((out / "1_Pooling" / "config.json").read_text())
     assert pool["pooling_mode_lasttoken" if ref == "tiny-qwen3" else "pooling_mode_mean_tokens"] is True
@@ -88,8 +88,8 @@ def test_export_to_s3(s3_server, tmp_path, minilm_path):
 
     base = embedder("minilm")
     uri = "s3://reasonembed/export-test/model"
-    export_model(base.model, base.tokenizer, uri, pooling="mean", normalize=True, max_length=128, append_eos=False,
-                 prompts=st_prompts(base.cfg.query_format, INSTRUCTION))
+    export_model(base.model, base.tokenizer, uri, SentenceFormat(pooling="mean", normalize=True, max_length=128,
+                 append_eos=False, prompts=st_prompts(base.cfg.query_format, INSTRUCTION)))
     fs, path = resolve(uri)
     local = tmp_path / "dl"
     pafs.copy_files(path, str(local), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
@@ -105,8 +105,8 @@ def test_truncated_inputs_match_sentence_transformers(tmp_path, tiny_qwen3_path)
 
     base = Embedder(EmbedderConfig(model="tiny-qwen3", device="cpu", max_length=16))
     out = tmp_path / "model"
-    export_model(base.model, base.tokenizer, str(out), pooling="last_token", normalize=True, max_length=16,
-                 append_eos=True, prompts=st_prompts(base.cfg.query_format, INSTRUCTION))
+    export_model(base.model, base.tokenizer, str(out), SentenceFormat(pooling="last_token", normalize=True,
+                 max_length=16, append_eos=True, prompts=st_prompts(base.cfg.query_format, INSTRUCTION)))
     st = SentenceTransformer(str(out), device="cpu")
     reloaded = Embedder(EmbedderConfig(model=str(out), device="cpu", query_instruction=INSTRUCTION))
     assert reloaded.max_length == 16 and reloaded.tokenizer_appends_eos and not base.tokenizer_appends_eos
@@ -131,8 +131,8 @@ def test_over_length_error_counts_the_exported_tokenizers_eos_once(tmp_path):
 
     base = Embedder(EmbedderConfig(model="tiny-qwen3", device="cpu", max_length=16))
     out = tmp_path / "model"
-    export_model(base.model, base.tokenizer, str(out), pooling="last_token", normalize=True, max_length=16,
-                 append_eos=True, prompts=st_prompts(base.cfg.query_format, INSTRUCTION))
+    export_model(base.model, base.tokenizer, str(out), SentenceFormat(pooling="last_token", normalize=True,
+                 max_length=16, append_eos=True, prompts=st_prompts(base.cfg.query_format, INSTRUCTION)))
     text = DOCS[0]
     for folder in (str(out), "tiny-qwen3"):
         engine = EmbeddingEngine(EmbedderConfig(model=folder, device="cpu", max_length=16),

@@ -20,10 +20,10 @@ from reasonembed.data.beir import load_beir_folder
 from reasonembed.redapter.curves import read_events, read_rows
 from reasonembed.redapter.data import read_training_data
 from reasonembed.redapter.engine import lr_lambda
-from reasonembed.redapter.samples import samples_from_task, write_jsonl
+from reasonembed.redapter.samples import GroupSizes, samples_from_task, write_jsonl
 from reasonembed.redapter.session import LocalSession
 from reasonembed.redapter.state import CheckpointMismatchError, check_compatible
-from reasonembed.redapter.worker import format_queries, run_worker
+from reasonembed.redapter.worker import WorkerArgs, format_queries, run_worker
 
 PROMPT = "Given a forum question, retrieve the post that answers it"
 
@@ -42,8 +42,7 @@ def impliret_samples(data_dir: Path, out: Path, n: int = 16, n_neg: int = 3, gro
     negatives = {q: [f"d{(int(q[1:]) + k) % len(task.corpus)}" for k in range(1, n_neg + 1)] for q in qids}
     texts = dict(zip(task.queries.ids, task.queries.texts, strict=True))
     reasoning = {q: f"{texts[q]} The answer is {answers[q]}." for q in qids if int(q[1:]) % 4}
-    rows = samples_from_task(task, qids, negatives, prompt=PROMPT, train_group_size=group, batch_size=batch,
-                             reasoning=reasoning)
+    rows = samples_from_task(task, qids, negatives, prompt=PROMPT, sizes=GroupSizes(group, batch), reasoning=reasoning)
     return write_jsonl(rows, out / "impliret.jsonl").parent
 
 
@@ -60,11 +59,10 @@ def job(samples_dir: Path, out: Path | str, model: str = "tiny-qwen3", **over) -
     return TrainJobConfig.model_validate(base)
 
 
-def worker_args(cfg: TrainJobConfig, run_dir: Path) -> dict:
+def worker_args(cfg: TrainJobConfig, run_dir: Path) -> WorkerArgs:
     data = read_training_data(cfg.data)
-    return {"job": cfg.model_dump(mode="json"), "table": data.table, "run_uri": str(run_dir / "train"),
-            "export_uri": str(run_dir / "model"), "prompts": {"query": f"Instruct: {PROMPT}\nQuery: ", "document": ""},
-            "instruction": PROMPT, "threads": 1}
+    return WorkerArgs(job=cfg, table=data.table, run_uri=str(run_dir / "train"), export_uri=str(run_dir / "model"),
+                      prompts={"query": f"Instruct: {PROMPT}\nQuery: ", "document": ""}, instruction=PROMPT, threads=1)
 
 
 # -- config ------------------------------------------------------------------------------------------------------
@@ -131,6 +129,23 @@ def test_fingerprint_mismatch_names_every_field():
     msg = str(err.value)
     assert "lora.r: checkpoint 32 != config 8" in msg and "world_size: checkpoint 2 != config 4" in msg
     assert "optim.lr" not in msg and "checkpoint-00000004" in msg
+
+
+def test_worker_args_are_frozen_and_picklable(tmp_path):
+    """Ray Train pickles the driver's WorkerArgs to every worker; a mapping of the same fields converts to it."""
+    import dataclasses
+    import pickle
+
+    cfg = job(tmp_path, tmp_path / "runs")
+    args = WorkerArgs(job=cfg, table=None, run_uri=str(tmp_path / "train"), export_uri=str(tmp_path / "model"),
+                      prompts={"query": "", "document": ""}, resume_from=str(tmp_path / "ckpt"),
+                      fault={"step": 3, "rank": 1, "marker": str(tmp_path / "killed")})
+    assert pickle.loads(pickle.dumps(args)) == args
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        args.run_uri = "elsewhere"
+    fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(args)}
+    assert WorkerArgs.coerce({**fields, "job": cfg.model_dump(mode="json")}) == args
+    assert WorkerArgs.coerce(args) is args
 
 
 # -- the worker loop in-process ----------------------------------------------------------------------------------
@@ -240,7 +255,7 @@ def test_restart_prefers_the_newest_complete_checkpoint(tmp_path, samples):
 
     def pick(session, resume_from=None) -> Path | None:
         with contextlib.ExitStack() as stack:
-            return _restored_folder(stack, session, {"run_uri": run_uri, "resume_from": resume_from}, cfg)
+            return _restored_folder(stack, session, run_uri, resume_from, cfg.storage)
 
     older, newer = checkpoint("checkpoint-00000002", 2), checkpoint("checkpoint-00000004", 4)
     assert pick(Restored(None)) is None  # a fresh run

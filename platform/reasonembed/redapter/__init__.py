@@ -5,8 +5,9 @@
 - ``data``: ``read_training_data`` and ``TrainDataConfig`` (synthesis parquet and the public jsonl release);
 - ``batching``: ``BatchPlanner`` (per-domain global batches, sharded across ranks, sampled groups);
 - ``trainer``: ``run(TrainJobConfig) -> dict``, the library entry of `reasonembed train` (Ray Train driver);
-- ``worker``: the per-worker loop; ``model``: the bi-encoder (LoRA, gradient checkpointing); ``engine``: DDP and
-  DeepSpeed behind one interface; ``state``: checkpoint fingerprints and the newest complete checkpoint;
+- ``worker``: the per-worker loop (``TrainWorker``: setup, resume, train_epoch, finish over ``WorkerArgs``);
+  ``model``: the bi-encoder (LoRA, gradient checkpointing); ``engine``: DDP and DeepSpeed behind one interface;
+  ``state``: checkpoint fingerprints and the newest complete checkpoint;
   ``session``: Ray Train or in-process runner; ``curves``: step log, events and PNG; ``faults``: kill injection;
 - ``export``: the trained model as a sentence-transformers folder; ``dev_eval``: end-of-training retrieval check;
   ``samples``: training rows from a judged task with negatives mined by the platform's encoder and FAISS.

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from reasonembed.config.base import StorageConfig
+
+if TYPE_CHECKING:
+    from reasonembed.config.train import DevEvalSettings
 
 
 def retrieval_metrics(embedder, task, qids: list[str], q_texts: list[str], k: int = 100,
@@ -30,12 +33,12 @@ def retrieval_metrics(embedder, task, qids: list[str], q_texts: list[str], k: in
     return {m: res.mean[m] for m in HEADLINE_METRICS if m in res.mean} | {"n_queries": res.n_queries}
 
 
-def evaluate_model(model: str, data_dir: str, split: str = "dev", instruction: str | None = None,
-                   max_queries: int | None = None, k: int = 100, storage: StorageConfig | None = None,
+def evaluate_model(model: str, dev: DevEvalSettings, storage: StorageConfig | None = None,
                    max_length: int | None = None) -> dict[str, Any]:
-    """Evaluate a model reference or exported folder (local or s3://) on a BEIR folder.
+    """Evaluate a model reference or exported folder (local or s3://) on the BEIR folder ``dev.data``.
 
-    ``instruction`` None: the exported folder's recorded query instruction (``reasonembed.json``), if any.
+    ``dev`` gives split, query instruction, query cap and k (the run's ``eval`` settings). ``dev.instruction`` None:
+    the exported folder's recorded query instruction (``reasonembed.json``), if any.
     """
     import json
     from pathlib import Path
@@ -47,8 +50,9 @@ def evaluate_model(model: str, data_dir: str, split: str = "dev", instruction: s
     from reasonembed.storage import is_s3
 
     t0 = time.time()
-    task = load_beir_folder(data_dir, split=split)
-    qids = list(task.queries.ids)[:max_queries] if max_queries else list(task.queries.ids)
+    instruction = dev.instruction
+    task = load_beir_folder(dev.data, split=dev.split)
+    qids = list(task.queries.ids)[: dev.max_queries] if dev.max_queries else list(task.queries.ids)
     texts = dict(zip(task.queries.ids, task.queries.texts, strict=True))
     local = Path(model).expanduser()
     with fetched(model, storage) if is_s3(model) else contextlib.nullcontext(local if local.is_dir() else None) as folder:
@@ -56,6 +60,6 @@ def evaluate_model(model: str, data_dir: str, split: str = "dev", instruction: s
         if instruction is None and folder is not None and (folder / "reasonembed.json").is_file():
             instruction = json.loads((folder / "reasonembed.json").read_text()).get("query_instruction")
         emb = Embedder(EmbedderConfig(model=ref, query_instruction=instruction or None, max_length=max_length))
-        out = retrieval_metrics(emb, task, qids, [texts[q] for q in qids], k)
+        out = retrieval_metrics(emb, task, qids, [texts[q] for q in qids], dev.k)
     return {**out, "model": model, "task": task.name, "instruction": instruction, "seconds": round(time.time() - t0, 2)}
 

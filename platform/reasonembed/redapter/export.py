@@ -15,8 +15,9 @@ What the folder records, so that sentence-transformers embeds exactly like the p
 
 Usage::
 
-    path = export_model(merged(model), tokenizer, "runs/r1/model", pooling="last_token", normalize=True,
-                        max_length=512, append_eos=True, prompts={"query": "Instruct: ...\\nQuery: "})
+    fmt = SentenceFormat(pooling="last_token", normalize=True, max_length=512, append_eos=True,
+                         prompts={"query": "Instruct: ...\\nQuery: "})
+    path = export_model(merged(model).to(torch.bfloat16), tokenizer, "runs/r1/model", fmt)
     SentenceTransformer(path).encode(["q"], prompt_name="query")
 """
 
@@ -27,6 +28,7 @@ import os
 import shutil
 import tempfile
 import uuid
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,17 @@ from reasonembed.storage import Location, is_s3
 
 _POOLING_FLAGS = ("cls_token", "mean_tokens", "max_tokens", "mean_sqrt_len_tokens", "weightedmean_tokens", "lasttoken")
 _MODE = {"mean": "mean_tokens", "cls": "cls_token", "last_token": "lasttoken"}
+
+
+@dataclass(frozen=True)
+class SentenceFormat:
+    """How the platform ``Embedder`` embedded in training, which the exported folder must reproduce."""
+
+    pooling: str  # "mean", "cls" or "last_token"
+    normalize: bool
+    max_length: int
+    append_eos: bool  # last-token pooling reads the EOS appended to every input
+    prompts: dict[str, str]  # sentence-transformers prompts (see :func:`st_prompts`)
 
 
 def prompt_prefix(query_format: str, instruction: str) -> str:
@@ -87,8 +100,8 @@ def _write_tokenizer(tokenizer, folder: Path, pooling: str, max_length: int, app
     tok_path.write_text(json.dumps(spec, ensure_ascii=False))
 
 
-def _write_st_files(folder: Path, dim: int, pooling: str, normalize: bool, max_length: int,
-                    prompts: dict[str, str]) -> None:
+def _write_st_files(folder: Path, dim: int, fmt: SentenceFormat) -> None:
+    pooling, normalize, max_length, prompts = fmt.pooling, fmt.normalize, fmt.max_length, fmt.prompts
     if pooling not in _MODE:
         raise ValueError(f"pooling {pooling!r} has no sentence-transformers equivalent ({sorted(_MODE)})")
     modules = [
@@ -128,13 +141,8 @@ def export_model(
     model: torch.nn.Module,
     tokenizer,
     out: str,
+    fmt: SentenceFormat,
     *,
-    pooling: str,
-    normalize: bool,
-    max_length: int,
-    append_eos: bool,
-    prompts: dict[str, str],
-    dtype: torch.dtype | None = None,
     info: dict[str, Any] | None = None,
     adapter: str | Path | None = None,
     storage: StorageConfig | None = None,
@@ -142,27 +150,24 @@ def export_model(
     """Write the folder described in the module docstring to ``out`` (local or s3://); returns ``out``.
 
     Args:
-        model: the plain (merged) backbone, e.g. ``AutoModel`` output; saved with ``save_pretrained``.
+        model: the plain (merged) backbone, e.g. ``AutoModel`` output, in the dtype to store; saved with
+            ``save_pretrained``.
         tokenizer: its tokenizer.
-        pooling / normalize / max_length / append_eos: what the platform ``Embedder`` used in training.
-        prompts: sentence-transformers prompts (see :func:`st_prompts`).
-        dtype: cast the weights before saving (None: keep).
+        fmt: what the platform ``Embedder`` used in training (pooling, normalisation, max length, EOS, prompts).
         info: extra provenance stored in ``reasonembed.json``.
         adapter: a saved peft adapter folder, copied to ``adapter/`` (kept next to the merged weights).
     A local target is replaced atomically (written next to it, then renamed), so a reader never sees half a model.
     """
     work = Path(tempfile.mkdtemp(prefix="reasonembed-export-"))
     try:
-        if dtype is not None:
-            model = model.to(dtype)
         model.save_pretrained(work, safe_serialization=True)
         if adapter is not None:
             shutil.copytree(adapter, work / "adapter")
-        _write_tokenizer(tokenizer, work, pooling, max_length, append_eos)
+        _write_tokenizer(tokenizer, work, fmt.pooling, fmt.max_length, fmt.append_eos)
         dim = int(model.config.hidden_size)
-        _write_st_files(work, dim, pooling, normalize, max_length, prompts)
-        meta = {"pooling": pooling, "normalize": normalize, "max_length": max_length, "append_eos": append_eos,
-                "prompts": prompts, "dim": dim, **(info or {})}
+        _write_st_files(work, dim, fmt)
+        meta = {"pooling": fmt.pooling, "normalize": fmt.normalize, "max_length": fmt.max_length,
+                "append_eos": fmt.append_eos, "prompts": fmt.prompts, "dim": dim, **(info or {})}
         (work / "reasonembed.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
         _publish(work, out, storage)
     finally:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +31,17 @@ def mine_negatives(embedder, task, qids: Sequence[str], n_neg: int, instruction:
     return {q: [d for d, _ in h[:n_neg]] for q, h in zip(qids, hits, strict=True)}
 
 
+@dataclass(frozen=True)
+class GroupSizes:
+    """The release format's per-row size columns. None: the training config decides (``data.train_group_size`` /
+    ``data.batch_size`` when set, else its defaults)."""
+
+    train_group_size: int | None = None  # 1 positive + (train_group_size − 1) negatives per query
+    batch_size: int | None = None  # queries per device per step
+
+
 def samples_from_task(task, qids: Sequence[str], negatives: dict[str, list[str]], *, prompt: str = "",
-                      domain: str | None = None, train_group_size: int | None = None, batch_size: int | None = None,
+                      domain: str | None = None, sizes: GroupSizes = GroupSizes(),
                       reasoning: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """One release-format row per query with at least one relevant document and one negative."""
     doc = dict(zip(task.corpus.ids, task.corpus.texts, strict=True))
@@ -45,7 +55,7 @@ def samples_from_task(task, qids: Sequence[str], negatives: dict[str, list[str]]
         rows.append({
             "sample_id": f"{task.name}-{q}", "domain": domain or task.name, "prompt": prompt, "query": texts[q],
             "reasoning_query": (reasoning or {}).get(q, ""), "pos": pos, "neg": neg,
-            "train_group_size": train_group_size, "batch_size": batch_size,
+            "train_group_size": sizes.train_group_size, "batch_size": sizes.batch_size,
         })
     return rows
 

@@ -36,7 +36,7 @@ from reasonembed.redapter.curves import CURVES_PNG, METRICS_JSONL, plot_curves, 
 from reasonembed.redapter.data import TrainingData, read_training_data
 from reasonembed.redapter.export import st_prompts
 from reasonembed.redapter.state import CheckpointMismatchError, SavedState, check_compatible, fingerprint
-from reasonembed.redapter.worker import data_info, total_steps
+from reasonembed.redapter.worker import WorkerArgs, data_info, total_steps
 from reasonembed.storage import Location, StageDir, is_s3, join
 
 log = logging.getLogger(__name__)
@@ -173,48 +173,11 @@ def run(cfg: TrainJobConfig) -> dict[str, Any]:
     planner = BatchPlanner(data, cfg.data, world_size=cfg.scaling.num_workers, rank=0, seed=cfg.seed)
     per_epoch, total = total_steps(planner, cfg)
     resume_uri, start_step = preflight_resume(cfg, where, planner, data)
-    instruction, prompts = export_prompts(cfg, data)
 
     ray = connect_ray(cfg.ray)
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from reasonembed.redapter import faults
-    from reasonembed.redapter.worker import train_loop_per_worker
-
-    sc = cfg.scaling
-    resources = sc.resources_per_worker or ({"CPU": 1} if not sc.use_gpu else None)
-    threads = int((resources or {}).get("CPU", 1))
-    storage_path, storage_fs = _ray_storage(where["train"], cfg.storage)
-    args = {
-        "job": cfg.model_dump(mode="json"),
-        "table": ray.put(data.table),
-        "run_uri": where["train"],
-        "ray_uri": where["ray"],
-        "export_uri": where["model"],
-        "prompts": prompts,
-        "instruction": instruction,
-        "threads": threads,
-        # Used when Ray Train has no checkpoint of its own for this run (see state.latest_checkpoint).
-        "resume_from": resume_uri,
-        "fault": faults.fault_from_env(),
-    }
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=args,
-        scaling_config=ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker=resources,
-                                     accelerator_type=sc.accelerator_type, placement_strategy=sc.placement_strategy),
-        run_config=RunConfig(
-            name=cfg.checkpointing.name,
-            storage_path=storage_path,
-            storage_filesystem=storage_fs,
-            failure_config=FailureConfig(max_failures=cfg.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpointing.num_to_keep),
-            worker_runtime_env={"env_vars": _worker_env(cfg)},
-        ),
-    )
+    trainer = _torch_trainer(cfg, where, _worker_args(cfg, where, data, ray.put(data.table), resume_uri))
     log.info("training %s on %d worker(s) (%s): %d optimizer steps (%d per epoch), from step %d",
-             cfg.embedder.model, sc.num_workers, cfg.strategy, total, per_epoch, start_step)
+             cfg.embedder.model, cfg.scaling.num_workers, cfg.strategy, total, per_epoch, start_step)
     try:
         with _follow_steps(where["train"], cfg.storage, total, start_step):
             result = trainer.fit()
@@ -226,6 +189,51 @@ def run(cfg: TrainJobConfig) -> dict[str, Any]:
                 "again resumes from it") if found else "no checkpoint was written"
         raise TrainJobError(f"training failed after max_failures={cfg.max_failures} restarts: {exc}\n{hint}") from exc
     return _finish(cfg, where, data, result, t0, total, stage)
+
+
+def _worker_resources(cfg: TrainJobConfig) -> dict[str, float] | None:
+    sc = cfg.scaling
+    return sc.resources_per_worker or ({"CPU": 1} if not sc.use_gpu else None)
+
+
+def _worker_args(cfg: TrainJobConfig, where: dict[str, str], data: TrainingData, table,
+                 resume_uri: str | None) -> WorkerArgs:
+    """What every worker gets; ``table`` is the samples table's ObjectRef (read once per worker)."""
+    from reasonembed.redapter import faults
+
+    instruction, prompts = export_prompts(cfg, data)
+    return WorkerArgs(
+        job=cfg, table=table, run_uri=where["train"], ray_uri=where["ray"], export_uri=where["model"],
+        prompts=prompts, instruction=instruction, threads=int((_worker_resources(cfg) or {}).get("CPU", 1)),
+        # Used when Ray Train has no checkpoint of its own for this run (see state.latest_checkpoint).
+        resume_from=resume_uri, fault=faults.fault_from_env(),
+    )
+
+
+def _torch_trainer(cfg: TrainJobConfig, where: dict[str, str], args: WorkerArgs):
+    """Ray Train's ``TorchTrainer``: the workers, where checkpoints go, how many restarts."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from reasonembed.redapter.worker import train_loop_per_worker
+
+    sc = cfg.scaling
+    storage_path, storage_fs = _ray_storage(where["train"], cfg.storage)
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"worker_args": args},
+        scaling_config=ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu,
+                                     resources_per_worker=_worker_resources(cfg),
+                                     accelerator_type=sc.accelerator_type, placement_strategy=sc.placement_strategy),
+        run_config=RunConfig(
+            name=cfg.checkpointing.name,
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpointing.num_to_keep),
+            worker_runtime_env={"env_vars": _worker_env(cfg)},
+        ),
+    )
 
 
 @contextlib.contextmanager
@@ -324,13 +332,13 @@ def _dev_eval(cfg: TrainJobConfig, model_uri: str) -> dict[str, Any]:
     if not Path(ev.data).expanduser().is_dir():
         raise ConfigError(f"eval.data: {ev.data} is not a folder (BEIR layout expected)")
     task = ray.remote(num_gpus=1 if cfg.scaling.use_gpu else 0, num_cpus=1)(evaluate_model)
-    kwargs = {"data_dir": str(Path(ev.data).expanduser().resolve()), "split": ev.split,
-              "instruction": ev.instruction, "max_queries": ev.max_queries, "k": ev.k, "storage": cfg.storage,
-              "max_length": cfg.embedder.max_length}
-    out = {"trained": ray.get(task.remote(model_uri, **kwargs))}
+    dev = ev.model_copy(update={"data": str(Path(ev.data).expanduser().resolve())})
+    kwargs = {"storage": cfg.storage, "max_length": cfg.embedder.max_length}
+    out = {"trained": ray.get(task.remote(model_uri, dev, **kwargs))}
     if ev.compare_base:
         base_instr = ev.instruction if ev.instruction is not None else _prompt_instruction(model_uri, cfg)
-        out["base"] = ray.get(task.remote(cfg.embedder.model, **{**kwargs, "instruction": base_instr}))
+        out["base"] = ray.get(task.remote(cfg.embedder.model, dev.model_copy(update={"instruction": base_instr}),
+                                          **kwargs))
     return out
 
 
