@@ -174,11 +174,16 @@ def test_serve_handle_engine_for_batch_jobs(service, corpus, encoded):
     """Ray Data over the deployment handle gives the encode job's embeddings (one set of replicas for both)."""
     import ray
 
-    from reasonembed.serving.batch_engine import encoder_mismatch, serve_encode, served_encoder
+    from reasonembed.serving.batch_engine import (
+        ServedEncoding,
+        encoder_mismatch,
+        serve_encode,
+        served_encoder,
+    )
 
     docs = corpus[:50]
     ds = ray.data.from_items([{"doc_id": d["id"], "text": d["text"], "shard": 0} for d in docs])
-    out = serve_encode(ds, APP, window_rows=16, rows_per_call=8).take_all()
+    out = serve_encode(ds, ServedEncoding(APP, rows_per_call=8), window_rows=16).take_all()
     got = {r["doc_id"]: r["embedding"] for r in out}
     assert set(got) == {d["id"] for d in docs} and "text" not in out[0]
     for d in docs:

@@ -10,6 +10,8 @@ batches together with other traffic.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from reasonembed.serving import MODEL_DEPLOYMENT
@@ -20,6 +22,18 @@ from reasonembed.serving.errors import ServingError
 MATCH_KEYS = ("model_name", "pooling", "normalize", "max_length", "append_eos", "query_format", "dim")
 
 
+@dataclass(frozen=True)
+class ServedEncoding:
+    """Where and how a batch job's rows are embedded through Serve."""
+
+    app_name: str  # the Serve application running the EmbeddingModel deployment
+    deployment: str = MODEL_DEPLOYMENT
+    is_query: bool = False  # format rows as queries (the model's instruction template)
+    instruction: str | None = None  # task instruction for queries (None: the model's default)
+    rows_per_call: int = 256  # rows per embed() call; calls of one block run concurrently
+    text_column: str = "text"
+
+
 class ServeEmbedder:
     """Ray Data UDF: embeds the ``text`` column of a numpy batch through the deployment handle.
 
@@ -27,13 +41,12 @@ class ServeEmbedder:
     ``truncated`` — the same columns the actor-pool engine produces.
     """
 
-    def __init__(self, app_name: str, deployment: str = MODEL_DEPLOYMENT, is_query: bool = False,
-                 instruction: str | None = None, rows_per_call: int = 256, text_column: str = "text"):
+    def __init__(self, spec: ServedEncoding):
         from ray import serve
 
-        self.handle = serve.get_deployment_handle(deployment, app_name=app_name)
-        self.is_query, self.instruction = is_query, instruction
-        self.rows_per_call, self.text_column = rows_per_call, text_column
+        self.handle = serve.get_deployment_handle(spec.deployment, app_name=spec.app_name)
+        self.is_query, self.instruction = spec.is_query, spec.instruction
+        self.rows_per_call, self.text_column = spec.rows_per_call, spec.text_column
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         texts = [str(t) for t in batch[self.text_column]]
@@ -56,21 +69,19 @@ class ServeEmbedder:
         return out
 
 
-def serve_encode(ds, app_name: str, window_rows: int = 1024, *, deployment: str = MODEL_DEPLOYMENT,
-                 is_query: bool = False, instruction: str | None = None, concurrency: int = 1,
-                 rows_per_call: int = 256, text_column: str = "text"):
+def serve_encode(ds, spec: ServedEncoding | str, window_rows: int = 1024, concurrency: int = 1):
     """``ds`` (with a ``text`` column) -> ``ds`` with ``embedding``, ``n_tokens``, ``truncated`` via Serve.
 
-    The UDF actors only wait on the deployment, so they reserve almost no CPU; throughput is set by the number of
-    model replicas (scale them with the deployment's autoscaling config).
+    ``spec`` may be just the application name (documents, default deployment). The UDF actors only wait on the
+    deployment, so they reserve almost no CPU; throughput is set by the number of model replicas (scale them with
+    the deployment's autoscaling config).
     """
     import ray
 
+    spec = ServedEncoding(spec) if isinstance(spec, str) else spec
     return ds.map_batches(
         ServeEmbedder,
-        fn_constructor_kwargs={"app_name": app_name, "deployment": deployment, "is_query": is_query,
-                               "instruction": instruction, "rows_per_call": rows_per_call,
-                               "text_column": text_column},
+        fn_constructor_kwargs={"spec": spec},
         compute=ray.data.ActorPoolStrategy(size=concurrency),
         batch_size=window_rows,
         batch_format="numpy",
