@@ -2,8 +2,9 @@
 
 A stage's hash covers its own settings and the hashes of the stages it reads, so changing, say, the generator's
 temperature changes the hashes of generate, mine, annotate and format but not prepare. A finished stage whose
-manifest carries the same hash is skipped; a stage folder begun under another hash is refused (or discarded with
-``overwrite: true``) rather than mixing rows of two configs.
+manifest carries the same hash and the same input fingerprints (``pipeline.stage_inputs``: files, models, upstream
+outputs) is skipped; a stage folder begun under another hash or from other inputs is refused (or discarded with
+``overwrite: true``) rather than mixing rows of two configs or two versions of the data.
 """
 
 from __future__ import annotations

@@ -144,7 +144,10 @@ def _prepare_stage(ctx: Context, name: str, h: str, inputs: dict[str, str]) -> t
     stage = ctx.stage(name)
     redo = _redo_plan(ctx, stage, h, inputs)
     if redo is not None:
-        log.info("synthesize/%s: upstream rows changed in shards %s: redoing them", name, redo["shards"])
+        if redo["shards"]:
+            log.info("synthesize/%s: upstream rows changed in shards %s: redoing them", name, redo["shards"])
+        else:
+            log.info("synthesize/%s: upstream re-recorded without changed rows: refreshing the manifest", name)
         _start_redo(stage, redo)
         return False, redo
     if stage.is_done(h, inputs, overwrite=ctx.cfg.overwrite):

@@ -158,7 +158,10 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
             line += (f", {s['generated_tokens']} tokens: {s['steady_tokens_per_s']} tok/s once the engine is up, "
                      f"{s['tokens_per_s']} tok/s with start-up")
         lines.append(line)
+    by_stage = report.get("candidates_equal_to_source_by_stage", {})
     lines.append(f"scores {report['score_histogram']}, samples {report['samples']}, pos/query "
-                 f"{report['pos_per_query']}, neg/query {report['neg_per_query']}, candidates equal to source "
-                 f"{report['candidates_equal_to_source']}/{report['candidates']}")
+                 f"{report['pos_per_query']}, neg/query {report['neg_per_query']}, candidates equal to their source "
+                 f"(id or text) {report['candidates_equal_to_source']} "
+                 f"(mine {by_stage.get('mine', 0)}/{report['candidates']}, annotate {by_stage.get('annotate', 0)}, "
+                 f"format {by_stage.get('format', 0)})")
     return lines
