@@ -75,9 +75,9 @@ def _encode(ctx: Context, name: str, source_tag: str, ids: list[str], texts: lis
     enc_cfg = EncodeJobConfig(
         run_id=cfg.run_id, out=cfg.out, seed=cfg.seed, ray=cfg.ray, storage=cfg.storage,
         data=CorpusSource(path=f"reasonembed-synthesize:{name}@{source_tag}"), embedder=cfg.mine.embedder,
-        # build=True also for queries: encode.run learns the embedding dimension from its index probe (with
-        # build=False it writes parts with dimension 0 and fails; reported to the lead).
-        engine=cfg.mine.engine, index=IndexConfig(build=True, kind="flat"), stage=f"synthesize/{name}",
+        # No index: mining searches these embeddings with its own exact index (below); encode takes the width from
+        # the embedded rows.
+        engine=cfg.mine.engine, index=IndexConfig(build=False), stage=f"synthesize/{name}",
         # These encode stages are mine's private caches, keyed by source_tag: one started for other rows is stale
         # and discarded (mine itself only runs after its own reuse/refusal checks passed).
         overwrite=True,
