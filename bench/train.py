@@ -197,8 +197,8 @@ def check_parity(args) -> None:
     from reasonembed.config.embedder import EmbedderConfig
     from reasonembed.models.embedder import Embedder
     from reasonembed.models.registry import resolve_model
-    from reasonembed.redapter.engine import lr_lambda, param_groups
     from reasonembed.redapter.loss import LossConfig, RIInfoNCELoss
+    from reasonembed.redapter.strategies import lr_lambda, param_groups
 
     torch.set_num_threads(args.threads)
     task, _, _ = load_task(args)

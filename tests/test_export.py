@@ -126,7 +126,7 @@ def test_over_length_error_counts_the_exported_tokenizers_eos_once(tmp_path):
     """The serving engine's truncate=false error reports an input's real token count: +1 for the EOS that
     last-token pooling appends only when the tokenizer does not add it itself (exported decoders do)."""
     from reasonembed.config.serve import BatchingConfig
-    from reasonembed.serving.engine import EmbedCall, EmbeddingEngine
+    from reasonembed.serving.embedding_engine import EmbedCall, EmbeddingEngine
     from reasonembed.serving.errors import ContextLengthExceeded
 
     base = Embedder(EmbedderConfig(model="tiny-qwen3", device="cpu", max_length=16))

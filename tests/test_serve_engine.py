@@ -15,7 +15,7 @@ from reasonembed.config.base import ConfigError, load_model
 from reasonembed.config.embedder import EmbedderConfig
 from reasonembed.config.serve import AuthConfig, BatchingConfig, ServeJobConfig, config_from_args
 from reasonembed.serving.auth import AuthConfigError, bearer_ok, load_api_key
-from reasonembed.serving.engine import Chunk, EmbedCall, EmbeddingEngine
+from reasonembed.serving.embedding_engine import Chunk, EmbedCall, EmbeddingEngine
 from reasonembed.serving.errors import ContextLengthExceeded, InvalidRequest, Overloaded
 from reasonembed.serving.gate import GateSettings, RequestGate
 from reasonembed.serving.vectors import from_base64, matryoshka, to_base64, wire_vectors

@@ -91,7 +91,7 @@ def test_split_model_handle_equals_http(service):
     import numpy as np
     from ray import serve
 
-    from reasonembed.serving.engine import EmbedCall
+    from reasonembed.serving.embedding_engine import EmbedCall
 
     texts = ["handle path", "a second, longer input for the same batch"]
     reply = serve.get_deployment_handle("EmbeddingModel", app_name=APP).embed.remote(EmbedCall(texts=texts)).result()

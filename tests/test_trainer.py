@@ -19,10 +19,10 @@ from reasonembed.config.train import TrainJobConfig
 from reasonembed.data.beir import load_beir_folder
 from reasonembed.redapter.curves import read_events, read_rows
 from reasonembed.redapter.data import read_training_data
-from reasonembed.redapter.engine import lr_lambda
 from reasonembed.redapter.samples import GroupSizes, samples_from_task, write_jsonl
 from reasonembed.redapter.session import LocalSession
 from reasonembed.redapter.state import CheckpointMismatchError, check_compatible
+from reasonembed.redapter.strategies import lr_lambda
 from reasonembed.redapter.worker import WorkerArgs, format_queries, run_worker
 
 PROMPT = "Given a forum question, retrieve the post that answers it"

@@ -46,7 +46,6 @@ from reasonembed.redapter import faults
 from reasonembed.redapter.batching import BatchPlanner, LocalBatch
 from reasonembed.redapter.curves import MetricsLog
 from reasonembed.redapter.data import ERROR_SCHEMA, TrainingData
-from reasonembed.redapter.engine import DeepSpeedEngine, TorchEngine, make_engine
 from reasonembed.redapter.gather import DistContext, all_reduce_sum
 from reasonembed.redapter.loss import LossOutput, RIInfoNCELoss
 from reasonembed.redapter.model import ModelBundle, build_bi_encoder
@@ -60,6 +59,7 @@ from reasonembed.redapter.state import (
     fingerprint,
     write_pointer,
 )
+from reasonembed.redapter.strategies import DeepSpeedEngine, TorchEngine, make_engine
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from reasonembed.serving import MODEL_DEPLOYMENT
-from reasonembed.serving.engine import EmbedCall
+from reasonembed.serving.embedding_engine import EmbedCall
 from reasonembed.serving.errors import ServingError
 
 # The fields of Embedder.describe() that decide whether two encoders give the same vectors.

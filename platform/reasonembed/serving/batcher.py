@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable
 
 import numpy as np
 
-from reasonembed.serving.engine import BatchStats, Chunk, EmbeddingEngine
+from reasonembed.serving.embedding_engine import BatchStats, Chunk, EmbeddingEngine
 
 log = logging.getLogger(__name__)
 

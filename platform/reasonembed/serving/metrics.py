@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from reasonembed.serving.engine import BatchStats, EmbedReply
+from reasonembed.serving.embedding_engine import BatchStats, EmbedReply
 from reasonembed.serving.errors import ServingError
 
 LATENCY_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000]

@@ -37,7 +37,7 @@ from ray.serve.exceptions import BackPressureError
 from reasonembed.config.serve import ServeJobConfig, config_from_args
 from reasonembed.serving import INGRESS_DEPLOYMENT, MODEL_DEPLOYMENT
 from reasonembed.serving.auth import describe_auth, resolve_api_key
-from reasonembed.serving.engine import EmbedCall
+from reasonembed.serving.embedding_engine import EmbedCall
 from reasonembed.serving.errors import (
     InvalidRequest,
     NotFound,

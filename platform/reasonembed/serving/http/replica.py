@@ -13,7 +13,7 @@ from ray import serve
 from reasonembed.config.serve import ServeJobConfig
 from reasonembed.serving import MODEL_DEPLOYMENT
 from reasonembed.serving.batcher import make_batcher
-from reasonembed.serving.engine import THREADED_TOKENIZE_CHARS, Chunk, EmbedCall, EmbeddingEngine
+from reasonembed.serving.embedding_engine import THREADED_TOKENIZE_CHARS, Chunk, EmbedCall, EmbeddingEngine
 from reasonembed.serving.errors import ServingError
 from reasonembed.serving.loopback import keep_replica_grpc_on_loopback
 from reasonembed.serving.metrics import ModelMetrics
