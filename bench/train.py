@@ -55,9 +55,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seeds", default="42", help="comma-separated seeds; each runs both trainers")
     p.add_argument("--out", default=None, help="work folder (default: a temporary one)")
     p.add_argument("--skip-st", action="store_true", help="skip the sentence-transformers baseline")
+    p.add_argument("--skip-ours", action="store_true", help="run only the sentence-transformers baseline")
     p.add_argument("--limit-train", type=int, default=None, help="smoke runs: first N training queries only")
     p.add_argument("--limit-test", type=int, default=None, help="smoke runs: first N test queries only")
     p.add_argument("--check-parity", action="store_true", help="run only the controlled loss/optimizer check")
+    p.add_argument("--st-batch-sampler", choices=("batch_sampler", "no_duplicates"), default="batch_sampler",
+                   help="sentence-transformers' batch sampler (no_duplicates: no text twice in a batch, which the "
+                   "sentence-transformers docs recommend for MultipleNegativesRankingLoss)")
     p.add_argument("--worker", choices=TRAINERS, default=None, help=argparse.SUPPRESS)  # one trainer, one process
     p.add_argument("--seed", type=int, default=42, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -138,7 +142,7 @@ def st_arguments(args, work: Path):
         output_dir=str(work / "st-out"), num_train_epochs=args.epochs, per_device_train_batch_size=args.batch,
         learning_rate=args.lr, warmup_steps=0.1, lr_scheduler_type="linear", weight_decay=0.0, max_grad_norm=1.0,
         dataloader_drop_last=True, save_strategy="no", report_to="none", logging_steps=10, seed=args.seed,
-        data_seed=args.seed, use_cpu=True,
+        data_seed=args.seed, use_cpu=True, batch_sampler=args.st_batch_sampler,
     )
 
 
@@ -267,7 +271,7 @@ def run_worker(args, trainer: str, seed: int, work: Path) -> dict:
     """Run one trainer in a fresh process; its RESULT line."""
     argv = [sys.executable, __file__, "--worker", trainer, "--seed", str(seed), "--out", str(work)]
     for flag in ("data_dir", "epochs", "batch", "group", "max_length", "lr", "temperature", "threads",
-                 "limit_train", "limit_test"):
+                 "limit_train", "limit_test", "st_batch_sampler"):
         value = getattr(args, flag)
         if value is not None:
             argv += [f"--{flag.replace('_', '-')}", str(value)]
@@ -311,7 +315,7 @@ def main() -> None:
     base = prepare(args, work)
     results = []
     for seed in [int(x) for x in args.seeds.split(",")]:
-        for trainer in TRAINERS[:1] if args.skip_st else TRAINERS:
+        for trainer in [t for t in TRAINERS if not (args.skip_st and t != "ours" or args.skip_ours and t == "ours")]:
             results.append(run_worker(args, trainer, seed, work))
             r = results[-1]
             print(f"  {trainer} seed {seed}: nDCG@10 {r['metrics']['ndcg_at_10']:.4f}, "
