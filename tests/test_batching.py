@@ -16,7 +16,8 @@ import pytest
 from reasonembed.config.base import ConfigError, StorageConfig, load_model
 from reasonembed.data.types import DataError
 from reasonembed.redapter.batching import BatchPlanner, sample_group
-from reasonembed.redapter.data import ERROR_SCHEMA, SAMPLE_SCHEMA, TrainDataConfig, read_training_data
+from reasonembed.redapter.data import ERROR_SCHEMA, TrainDataConfig, read_training_data
+from reasonembed.schemas import SAMPLE_SCHEMA, TRAINING_SCHEMA, MissingColumnsError
 
 LEET_PROMPT = "Given a Coding problem, retrieve relevant examples that help answer the problem."
 BIO_PROMPT = "Given a Biology post, retrieve relevant passages that help answer the post."
@@ -87,7 +88,7 @@ def test_reads_release_jsonl_format(release_dir, caplog):
     caplog.set_level(logging.WARNING)
     data = read_training_data(TrainDataConfig(paths=[str(release_dir)]))
     t = data.table
-    assert t.schema == SAMPLE_SCHEMA
+    assert t.schema == TRAINING_SCHEMA
     assert data.n_samples == 23 and data.errors.num_rows == 0
     assert [Path(f).name for f in data.files] == ["biology.jsonl", "leetcode.jsonl", "pony.jsonl"]
     assert Counter(t["domain"].to_pylist()) == {"biology": 11, "leetcode": 9, "pony": 3}  # domain = file stem
@@ -120,6 +121,36 @@ def test_reads_synthesis_parquet_stage_folder(tmp_path):
         "biology": (3, 2), "pony": (5, 1)}
 
 
+def test_synthesis_and_release_layouts_read_into_the_canonical_dtypes(tmp_path):
+    """Synthesis writes int32 group/batch sizes (the canonical sample schema), JSON integers arrive as int64: both
+    are cast to the sample schema's dtype, so one table holds both layouts."""
+    as_int32 = pa.Table.from_pylist(synthesis_table("biology", 3).to_pylist(), schema=pa.schema(
+        [SAMPLE_SCHEMA.field(n) for n in synthesis_table("biology", 1).column_names]))
+    assert as_int32.schema.field("train_group_size").type == pa.int32()
+    pq.write_table(as_int32, tmp_path / "part-00000.parquet")
+    as_int64 = synthesis_table("pony", 2, group=5, batch=1)
+    assert as_int64.schema.field("train_group_size").type == pa.int64()
+    pq.write_table(as_int64, tmp_path / "part-00001.parquet")
+    write_jsonl(tmp_path / "leetcode.jsonl", [release_row("leetcode", i, group=2, batch=3) for i in range(2)])
+    data = read_training_data(TrainDataConfig(paths=[str(tmp_path)]))
+    assert data.table.schema == TRAINING_SCHEMA and data.n_samples == 7
+    for name in ("train_group_size", "batch_size"):
+        assert TRAINING_SCHEMA.field(name).type == SAMPLE_SCHEMA.field(name).type == pa.int32()
+    sizes = {d: (g, b) for d, g, b in zip(*(data.table[c].to_pylist() for c in ("domain", "train_group_size",
+                                                                               "batch_size")), strict=True)}
+    assert sizes == {"biology": (3, 2), "pony": (5, 1), "leetcode": (2, 3)}
+
+
+def test_parquet_without_required_columns_is_refused_by_name(tmp_path):
+    """A parquet input lacking a column training requires (here another stage's output) names the stage, the file
+    and the missing columns instead of turning every row into an error row."""
+    f = tmp_path / "part-00000.parquet"
+    pq.write_table(synthesis_table("biology", 2).drop_columns(["neg", "pos"]), f)
+    with pytest.raises(MissingColumnsError, match=r"train: input .*part-00000.parquet lacks required columns "
+                                                  r"'pos' \(.*\); 'neg' \(.*\)"):
+        read_training_data(TrainDataConfig(paths=[str(f)]))
+
+
 def test_bad_rows_go_to_error_table_or_raise(tmp_path):
     good = [release_row("biology", i) for i in range(4)]
     bad_pos = release_row("biology", 10, n_pos=0)
@@ -136,6 +167,7 @@ def test_bad_rows_go_to_error_table_or_raise(tmp_path):
     assert by_row == {2: "no_positive", 3: "no_negative", 6: "no_query", 7: "bad_json"}
     assert all(e["source"] == str(f) for e in errs)
     assert "line 8" in next(e["reason"] for e in errs if e["row"] == 7)
+    assert next(e["raw_text"] for e in errs if e["row"] == 7) == '{"query": "broken", "pos": ['
     assert data.summary()["errors_by_reason"] == {"no_positive": 1, "no_negative": 1, "no_query": 1, "bad_json": 1}
     # surviving rows keep their own record index, so errors and samples point at the right lines
     assert data.table["row"].to_pylist() == [0, 1, 4, 5]

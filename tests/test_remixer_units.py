@@ -372,21 +372,49 @@ def test_decontamination_path_must_exist(mixed_corpus, tmp_path, data_dir):
 # ---- engine settings for exact re-generation -------------------------------------------------------------------
 def test_batch_invariant_engine_settings():
     from reasonembed.config.llm import LLMEngineConfig
-    from reasonembed.remixer.llm_stage import batch_invariant_engine, cpu_seed_safe
+    from reasonembed.llm.engine import engine_kwargs
+    from reasonembed.remixer.llm_stage import batch_invariant_engine
 
     cpu = LLMEngineConfig(model="tiny-qwen3", max_model_len=4096, sampling={"max_tokens": 8, "seed": 0})
     inv = batch_invariant_engine(cpu)
-    assert inv.engine_kwargs == {"max_num_seqs": 1, "enable_prefix_caching": False, "enable_chunked_prefill": False,
-                                 "max_num_batched_tokens": 4096}
+    # the stage adds only its own keys; the engine builder adds the step budget whole-prompt prefill needs
+    assert inv.engine_kwargs == {"max_num_seqs": 1, "enable_prefix_caching": False, "enable_chunked_prefill": False}
+    built = engine_kwargs(inv)
+    assert {k: built[k] for k in ("max_num_seqs", "enable_prefix_caching", "enable_chunked_prefill",
+                                  "max_num_batched_tokens")} == {
+        "max_num_seqs": 1, "enable_prefix_caching": False, "enable_chunked_prefill": False,
+        "max_num_batched_tokens": 4096}
     user = cpu.model_copy(update={"engine_kwargs": {"max_num_seqs": 4}})
-    assert batch_invariant_engine(user).engine_kwargs["max_num_seqs"] == 4  # the user's keys win
-    assert cpu_seed_safe(cpu).engine_kwargs == {"enable_chunked_prefill": False, "max_num_batched_tokens": 4096}
+    assert engine_kwargs(batch_invariant_engine(user))["max_num_seqs"] == 4  # the user's keys win
+    seeded = engine_kwargs(cpu)
+    assert (seeded["enable_chunked_prefill"], seeded["max_num_batched_tokens"]) == (False, 4096)
     unseeded = cpu.model_copy(update={"sampling": cpu.sampling.model_copy(update={"seed": None})})
-    assert cpu_seed_safe(unseeded).engine_kwargs == {}
+    assert "enable_chunked_prefill" not in engine_kwargs(unseeded) and "max_num_batched_tokens" not in \
+        engine_kwargs(unseeded)
     gpu = LLMEngineConfig(model="org/m", num_gpus=1, sampling={"max_tokens": 8})
     g = batch_invariant_engine(gpu)
     assert g.runtime_env["env_vars"]["VLLM_BATCH_INVARIANT"] == "1" and g.engine_kwargs == {}
-    assert cpu_seed_safe(g) is g  # GPU generators support chunked prefill with seeds
+    assert "enable_chunked_prefill" not in engine_kwargs(g)  # GPU generators support chunked prefill with seeds
+
+
+@pytest.mark.parametrize("max_model_len", [512, 2048, 8192])
+@pytest.mark.parametrize("seed", [0, None])
+def test_direct_generate_and_synthesis_stage_build_the_same_engine_kwargs(max_model_len, seed):
+    """One engine builder: a synthesis stage's engine arguments are a direct generate()'s plus only the stage's own
+    keys (batch-invariant mode), with the same CPU step budget (it used to get 2048 where generate() got 4096)."""
+    from reasonembed.config.llm import LLMEngineConfig
+    from reasonembed.llm.engine import CPU_WHOLE_PREFILL_TOKENS, to_processor_config
+    from reasonembed.remixer.llm_stage import stage_engine
+
+    cfg = LLMEngineConfig(model="org/m", max_model_len=max_model_len, sampling={"max_tokens": 8, "seed": seed})
+    direct = to_processor_config(cfg, model_source="org/m").engine_kwargs  # what generate() hands Ray
+    assert to_processor_config(stage_engine(cfg, False), model_source="org/m").engine_kwargs == direct
+    invariant = to_processor_config(stage_engine(cfg, True), model_source="org/m").engine_kwargs
+    budget = max(max_model_len, CPU_WHOLE_PREFILL_TOKENS)
+    whole_prefill = {"enable_chunked_prefill": False, "max_num_batched_tokens": budget}
+    assert invariant == {**direct, **whole_prefill, "max_num_seqs": 1, "enable_prefix_caching": False}
+    if seed is not None:
+        assert {k: direct[k] for k in whole_prefill} == whole_prefill
 
 
 def test_prepare_reads_and_writes_s3(mixed_corpus, s3_server, data_dir):

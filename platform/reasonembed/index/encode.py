@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from reasonembed import progress
+from reasonembed import progress, schemas
 from reasonembed.config.base import StorageConfig
 from reasonembed.config.embedder import EmbedderConfig
 from reasonembed.config.encode import EncodeEngineConfig, EncodeJobConfig, IndexConfig
@@ -38,8 +38,10 @@ from reasonembed.repeats import CONFLICTING_ID, content_key, split_repeats
 from reasonembed.storage import Location, StageDir
 
 log = logging.getLogger(__name__)
-ERROR_SCHEMA = pa.schema([("doc_id", pa.string()), ("reason", pa.string()), ("text", pa.string())])
-TEXT_SCHEMA = pa.schema([("doc_id", pa.string()), ("text", pa.string())])  # what serving.search reads
+# Error rows (reasonembed.schemas' one shape): the id and the document's text (first 500 characters; two rows of one
+# conflicting id differ by it), then reason, detail, raw_text.
+ERROR_SCHEMA = schemas.error_schema(("doc_id", pa.string()), ("text", pa.string()))
+TEXT_SCHEMA = schemas.TEXT_SCHEMA
 TEXT_PARTS = "texts"  # <stage>/texts/part-<shard>.parquet: the stored texts of each committed shard
 
 
@@ -49,9 +51,7 @@ def embedding_array(x: np.ndarray) -> pa.FixedSizeListArray:
     return pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1), pa.float32()), x.shape[1])
 
 
-def part_schema(dim: int) -> pa.Schema:
-    return pa.schema([("doc_id", pa.string()), ("embedding", pa.list_(pa.float32(), dim)),
-                      ("n_tokens", pa.int32()), ("truncated", pa.bool_())])
+part_schema = schemas.encoded_part_schema
 
 
 class EmbedActor:
@@ -103,6 +103,7 @@ def _tag_rows(batch: dict[str, np.ndarray], keys: np.ndarray) -> dict[str, np.nd
     """The rows of a round's shards, each with a ``content_key`` (its text and input error) that tells a Ray retry
     of a row (same key) from another row under the same id (a conflict), and its text under ``doc_text``, which
     both engines pass through (error rows and stored texts need it after the model consumed ``text``)."""
+    schemas.require_columns("encode", "corpus rows", batch.keys(), schemas.CORPUS_COLUMNS)
     mask = np.isin(batch["shard"], keys)
     out = {k: v[mask] for k, v in batch.items()}
     out["content_key"] = np.array([content_key(t, e) for t, e in zip(out["text"], out["error"], strict=True)],
@@ -141,7 +142,7 @@ def _commit_shard(stage: StageDir, shard: int, rows: dict[str, list], errors: li
     its texts when stored, and its part file last, whose presence marks the shard done. ``width`` is the embedding
     width used only when no row of the shard was embedded (the rows' own width wins otherwise)."""
     keep, error_rows = _settle_repeats(rows, errors)
-    stage.write_errors(pa.Table.from_pylist(error_rows, schema=ERROR_SCHEMA), shard)
+    stage.write_errors(schemas.error_table(error_rows, ERROR_SCHEMA), shard)
     ids = pa.array([str(rows["doc_id"][i]) for i in keep], pa.string())
     if store_texts:
         texts = pa.array([str(rows["doc_text"][i]) for i in keep], pa.string())

@@ -80,7 +80,8 @@ def _normalise(records: list[dict[str, Any]], src: CorpusSource, n_shards: int) 
 
 
 def read_corpus(src: CorpusSource, n_shards_hint: int | None = None, storage: StorageConfig | None = None):
-    """A Ray Dataset with columns doc_id, text, error ('' when fine) and shard; plus its row count.
+    """A Ray Dataset with columns doc_id, text, error ('' when fine) and shard (``schemas.CORPUS_COLUMNS``, what the
+    encode stage requires of its input); plus its row count.
 
     Returns ``(dataset_factory, n_rows)`` where ``dataset_factory(n_shards)`` builds the normalised dataset: the
     shard count depends on the row count, which needs one pass over the data first.

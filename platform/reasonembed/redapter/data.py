@@ -1,19 +1,24 @@
 """Read Redapter training samples into one Arrow table, with bad rows set aside in an error table.
 
-Two input formats (docs/algorithm.md section 1, stage 4; the commit protocol in storage.py):
+Two input formats (docs/algorithm.md section 1, stage 4; the commit protocol in storage.py), both layouts of the
+one sample schema (``reasonembed.schemas``):
 
-- the platform's synthesis output: parquet parts with ``sample_id, domain, prompt, query, reasoning_query, pos,
-  neg, pos_ids, neg_ids, pos_scores, neg_scores, source_doc_id, train_group_size, batch_size``;
-- the public ReasonEmbed release (``hanhainebula/reason-embed-data``): JSON lines with ``prompt, query,
-  reasoning_query, pos, neg, train_group_size, batch_size`` and one file per domain, so the domain is the file stem
-  when there is no ``domain`` field.
+- the platform's synthesis output: parquet parts in ``schemas.SAMPLE_SCHEMA`` (``sample_id, domain, prompt,
+  query, reasoning_query, pos, neg, pos_ids, neg_ids, pos_scores, neg_scores, source_doc_id, train_group_size,
+  batch_size, ...``);
+- the public ReasonEmbed release (``hanhainebula/reason-embed-data``): JSON lines with ``schemas.RELEASE_COLUMNS``
+  (``prompt, query, reasoning_query, pos, neg, train_group_size, batch_size``) and one file per domain, so the
+  domain is the file stem when there is no ``domain`` field.
+
+Either way training keeps ``schemas.TRAINING_COLUMNS`` cast to the sample schema's dtypes (so int64 and int32 group
+sizes both become int32), in ``schemas.TRAINING_SCHEMA``.
 
 Paths are files or folders, local or ``s3://`` (through ``reasonembed.storage``, i.e. pyarrow.fs). Folders are read
 non-recursively, so a stage's ``errors/`` sub-folder and ``_manifest.json`` are never mistaken for samples.
 
 Bad rows (no query, empty ``pos`` or ``neg``, a group or batch size below 1, a line that is not JSON) are not
 silently dropped: with ``on_bad_row="skip"`` (default) they go to ``TrainingData.errors`` (source, row, sample_id,
-domain, reason), are counted and logged, and training goes on with the rest; with ``"raise"`` the first ones raise
+domain, then the common reason, detail, raw_text; a broken JSON line is kept as raw_text), are counted and logged, and training goes on with the rest; with ``"raise"`` the first ones raise
 a ``DataError`` naming file, row and field. Passages are held as Arrow lists (about the size of the text, unlike
 Python strings), and only the rows of the current batch are turned into Python objects.
 """
@@ -36,34 +41,22 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 from pydantic import Field, field_validator
 
+from reasonembed import schemas
 from reasonembed.config.base import StorageConfig, StrictModel
 from reasonembed.data.types import DataError
 from reasonembed.storage import StorageError, resolve
 
 log = logging.getLogger(__name__)
 
-# Columns every reader produces, in this order. ``source``/``row`` name the input file and 0-based row for errors.
-SAMPLE_SCHEMA = pa.schema([
-    ("sample_id", pa.string()),
-    ("domain", pa.string()),
-    ("prompt", pa.string()),
-    ("query", pa.string()),
-    ("reasoning_query", pa.string()),
-    ("pos", pa.list_(pa.string())),
-    ("neg", pa.list_(pa.string())),
-    ("train_group_size", pa.int64()),
-    ("batch_size", pa.int64()),
-    ("source", pa.string()),
-    ("row", pa.int64()),
-])
-ERROR_SCHEMA = pa.schema([
-    ("source", pa.string()), ("row", pa.int64()), ("sample_id", pa.string()), ("domain", pa.string()),
-    ("reason", pa.string()),
-])
+# The table every reader produces (reasonembed.schemas: the canonical sample schema's training columns and dtypes,
+# plus source/row, the input file and 0-based row of each sample).
+TRAINING_SCHEMA = schemas.TRAINING_SCHEMA
+# Bad rows: which file and row, which sample, then the common error columns (reasonembed.schemas).
+ERROR_SCHEMA = schemas.error_schema(("source", pa.string()), ("row", pa.int64()), ("sample_id", pa.string()),
+                                    ("domain", pa.string()))
 # Fields read from input files; anything else (pos_ids, scores, source_doc_id, ...) is ignored for training.
-_INPUT_FIELDS = ("sample_id", "domain", "prompt", "query", "reasoning_query", "pos", "neg", "train_group_size",
-                 "batch_size")
-_JSON_SCHEMA = pa.schema([(f, SAMPLE_SCHEMA.field(f).type) for f in _INPUT_FIELDS])
+_INPUT_FIELDS = schemas.TRAINING_COLUMNS
+_JSON_SCHEMA = pa.schema(schemas.sample_fields(_INPUT_FIELDS))
 _ROW = "__row__"  # internal: record index of rows that survived line-by-line JSON parsing
 # Not ".json": the authors' formatting script writes indented per-domain *_log.json files next to the data.
 _SUFFIXES = {".parquet": "parquet", ".jsonl": "jsonl"}
@@ -110,7 +103,7 @@ class TrainDataConfig(StrictModel):
 
 @dataclass
 class TrainingData:
-    """Valid samples (``SAMPLE_SCHEMA``), error rows (``ERROR_SCHEMA``) and what reading them counted."""
+    """Valid samples (``TRAINING_SCHEMA``), error rows (``ERROR_SCHEMA``) and what reading them counted."""
 
     table: pa.Table
     errors: pa.Table
@@ -194,7 +187,7 @@ def read_training_data(
             f"{errors.num_rows} bad training rows, first ones:\n{lines}\n"
             "fix the data, or set on_bad_row=skip to set them aside in the error table"
         )
-    table = pa.concat_tables(good) if good else SAMPLE_SCHEMA.empty_table()
+    table = pa.concat_tables(good) if good else TRAINING_SCHEMA.empty_table()
     table = _select_domains(table, cfg, seed)
     data = TrainingData(table=table, errors=errors, files=files, n_read=n_read)
     if data.n_samples == 0:
@@ -215,11 +208,17 @@ def _kind(path: str) -> str | None:
 
 
 def _read_file(uri: str, storage: StorageConfig | None) -> tuple[pa.Table, pa.Table]:
-    """(rows with the input fields present, parse-error rows)."""
+    """(rows with the input fields present, parse-error rows).
+
+    A parquet file must have the columns training requires (``schemas.TRAINING_REQUIRED``): one without them is not
+    a sample file (e.g. another stage's output), and is refused by name. JSON lines are checked row by row instead:
+    a line without a query, positive or negative is an error row (``_validate``)."""
     fs, path = resolve(uri, storage)
     try:
         if _kind(path) == "parquet":
-            return pq.read_table(path, filesystem=fs), ERROR_SCHEMA.empty_table()
+            table = pq.read_table(path, filesystem=fs)
+            schemas.require_columns("train", uri, table.column_names, schemas.TRAINING_REQUIRED)
+            return table, ERROR_SCHEMA.empty_table()
         with fs.open_input_stream(path) as fh:
             raw = fh.read()
     except OSError as exc:
@@ -251,16 +250,18 @@ def _parse_jsonl(raw: bytes, uri: str) -> tuple[pa.Table, pa.Table]:
             tables.append(one.append_column(_ROW, pa.array([record], pa.int64())))
         except (ValueError, TypeError, pa.ArrowException) as exc:
             errors.append({"source": uri, "row": record, "sample_id": None, "domain": None,
-                           "reason": f"bad_json: line {n}: {exc}"})
+                           "reason": f"bad_json: line {n}: {exc}", "raw_text": line[:500]})
     if tables:
         table = pa.concat_tables(tables)
     else:
         table = _JSON_SCHEMA.empty_table().append_column(_ROW, pa.array([], pa.int64()))
-    return table, pa.Table.from_pylist(errors, schema=ERROR_SCHEMA)
+    return table, schemas.error_table(errors, ERROR_SCHEMA)
 
 
 def _column(table: pa.Table, name: str, n: int) -> pa.ChunkedArray:
-    typ = SAMPLE_SCHEMA.field(name).type
+    """Column ``name`` cast to the canonical sample dtype (e.g. int64 or int32 group sizes -> int32); nulls when the
+    file has no such column."""
+    typ = TRAINING_SCHEMA.field(name).type
     if name not in table.column_names:
         return pa.chunked_array([pa.nulls(n, typ)])
     col = table.column(name)
@@ -271,7 +272,7 @@ def _column(table: pa.Table, name: str, n: int) -> pa.ChunkedArray:
 
 
 def _normalise(table: pa.Table, uri: str, cfg: TrainDataConfig) -> pa.Table:
-    """Map a file's table onto SAMPLE_SCHEMA: defaults for domain (file stem), prompt and sample_id."""
+    """Map a file's table onto TRAINING_SCHEMA: defaults for domain (file stem), prompt and sample_id."""
     n = table.num_rows
     try:
         cols = {name: _column(table, name, n) for name in _INPUT_FIELDS}
@@ -293,7 +294,7 @@ def _normalise(table: pa.Table, uri: str, cfg: TrainDataConfig) -> pa.Table:
         cols["row"] = table.column(_ROW)
     else:
         cols["row"] = pa.chunked_array([pa.array(range(n), pa.int64())])
-    return pa.table([cols[f.name] for f in SAMPLE_SCHEMA], schema=SAMPLE_SCHEMA)
+    return pa.table([cols[f.name] for f in TRAINING_SCHEMA], schema=TRAINING_SCHEMA)
 
 
 def _content_id(domain: str, prompt: str, query: str | None) -> str:
@@ -321,9 +322,10 @@ def _validate(table: pa.Table) -> tuple[pa.Table, pa.Table]:
     if not pc.any(any_bad).as_py():
         return table, ERROR_SCHEMA.empty_table()
     bad = table.filter(any_bad)
+    blank = pa.array([""] * bad.num_rows, pa.string())
     errors = pa.table({
         "source": bad["source"], "row": bad["row"], "sample_id": bad["sample_id"], "domain": bad["domain"],
-        "reason": pc.filter(reason, any_bad),
+        "reason": pc.filter(reason, any_bad), "detail": blank, "raw_text": blank,
     }, schema=ERROR_SCHEMA)
     return table.filter(pc.invert(any_bad)), errors
 

@@ -25,21 +25,26 @@ from reasonembed.config.synthesize import AnnotateConfig
 from reasonembed.remixer.context import Context
 from reasonembed.remixer.generate import engine_identity, final_queries
 from reasonembed.remixer.ids import content_hash, stage_hash
-from reasonembed.remixer.llm_stage import LLMStageStats, LLMTask, error_table, parse_failures, run_llm_shards
+from reasonembed.remixer.llm_stage import LLMStageStats, LLMTask, parse_failures, run_llm_shards
 from reasonembed.remixer.parsing import parse_score
 from reasonembed.remixer.prompts import DomainProfile, annotation_prompt
+from reasonembed.remixer.stage import POOL_COLUMNS, Requires, read_input, read_pool
+from reasonembed.schemas import error_schema, error_table
 
 SCORE_SCHEMA = pa.schema([
     ("pair_id", pa.string()), ("query_id", pa.string()), ("doc_id", pa.string()), ("rank", pa.int32()),
     ("domain", pa.string()), ("shard", pa.string()), ("score", pa.int8()), ("num_generated_tokens", pa.int64()),
     ("truncated", pa.bool_()), ("response", pa.string()),
 ])
-ERROR_SCHEMA = pa.schema([
-    ("pair_id", pa.string()), ("query_id", pa.string()), ("doc_id", pa.string()), ("rank", pa.int32()),
-    ("domain", pa.string()), ("shard", pa.string()), ("reason", pa.string()), ("detail", pa.string()),
-    ("raw_text", pa.string()),
-])
+ERROR_SCHEMA = error_schema(("pair_id", pa.string()), ("query_id", pa.string()), ("doc_id", pa.string()),
+                            ("rank", pa.int32()), ("domain", pa.string()), ("shard", pa.string()))
 PAIR_COLUMNS = ("pair_id", "query_id", "doc_id", "rank", "domain", "shard", "query", "doc")
+# What annotation requires of its inputs (``remixer.stage``; the queries': generate.QUERIES_REQUIRES).
+ANNOTATE_REQUIRES: Requires = {
+    "mine": {"query_id": "the query's id", "domain": "domain of the query", "shard": "shard of the source",
+             "candidate_ids": "the query's candidate documents, in mining rank order"},
+    "pool": POOL_COLUMNS,
+}
 
 
 def hash_annotate(ctx: Context, upstream: str) -> str:
@@ -59,16 +64,15 @@ class AnnotationMessages:
 
 def pair_rows(ctx: Context) -> pa.Table:
     """Every (query, candidate) pair of the finished mine stage, with the texts its prompt needs."""
-    mine = ctx.stage("mine").read_parts()
-    queries = final_queries(ctx)
+    mine = read_input(ctx, "annotate", ANNOTATE_REQUIRES, "mine")
+    queries = final_queries(ctx, "annotate")
     qtext = dict(zip(queries["query_id"].to_pylist(), queries["query"].to_pylist(), strict=True))
-    pool = ctx.stage("pool")
     cols: dict[str, list] = {c: [] for c in PAIR_COLUMNS}
     for domain in ctx.cfg.data.domains:
         part = mine.filter(pc.equal(mine["domain"], domain)) if mine.num_rows else mine
         if part.num_rows == 0:
             continue
-        pt = pool.read_table(pool.part_name(domain))
+        pt = read_pool(ctx, "annotate", ANNOTATE_REQUIRES, domain)
         dtext = dict(zip(pt["doc_id"].to_pylist(), pt["text"].to_pylist(), strict=True))
         for r in part.select(["query_id", "shard", "candidate_ids"]).to_pylist():
             for rank, doc_id in enumerate(r["candidate_ids"]):
@@ -95,7 +99,7 @@ class ScoreParser:
         for r in out.to_pylist():
             ids = {k: r[k] for k in ("pair_id", "query_id", "doc_id", "rank", "domain", "shard")}
             if r.get("error"):
-                bad.append({**ids, "reason": r["error"], "detail": r.get("error_detail") or "", "raw_text": ""})
+                bad.append({**ids, "reason": r["error"], "detail": r.get("error_detail") or ""})
                 continue
             text = r["generated_text"]
             score, reason = parse_score(text, self.cfg.score_pattern, self.cfg.min_score, self.cfg.max_score)
@@ -107,7 +111,7 @@ class ScoreParser:
                          "truncated": r["truncated"], "response": text if self.cfg.keep_text else None})
         good.sort(key=lambda x: x["pair_id"])
         bad.sort(key=lambda x: x["pair_id"])
-        return error_table(good, SCORE_SCHEMA), error_table(bad, ERROR_SCHEMA)
+        return pa.Table.from_pylist(good, schema=SCORE_SCHEMA), error_table(bad, ERROR_SCHEMA)
 
 
 def run(ctx: Context, h: str) -> tuple[dict, LLMStageStats]:

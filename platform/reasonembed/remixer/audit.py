@@ -36,6 +36,7 @@ import pyarrow as pa
 from reasonembed.config.audit import AuditJobConfig
 from reasonembed.data.types import DataError, RetrievalTask
 from reasonembed.remixer.ids import content_hash
+from reasonembed.schemas import error_schema, error_table
 
 log = logging.getLogger("reasonembed.remixer.audit")
 
@@ -49,7 +50,7 @@ PAIR_SCHEMA = pa.schema([
 ])
 RESULT_FIELDS = [("score", pa.int8()), ("error", pa.string()), ("error_detail", pa.string()),
                  ("response", pa.string()), ("truncated", pa.bool_()), ("num_generated_tokens", pa.int64())]
-ERROR_COLUMNS = ("pair_id", "query_id", "doc_id", "label", "reason", "detail", "raw_text")
+ERROR_SCHEMA = error_schema(*((c, pa.string()) for c in ("pair_id", "query_id", "doc_id", "label")))
 
 
 def auc(relevant: Sequence[float], non_relevant: Sequence[float]) -> tuple[float | None, str | None]:
@@ -171,7 +172,7 @@ def _table(rows: list[dict]) -> pa.Table:
 def _errors_table(rows: list[dict]) -> pa.Table:
     bad = [{"pair_id": r["pair_id"], "query_id": r["query_id"], "doc_id": r["doc_id"], "label": r["label"],
             "reason": r["error"], "detail": r["error_detail"], "raw_text": r["response"]} for r in rows if r["error"]]
-    return pa.Table.from_pylist(bad, schema=pa.schema([(c, pa.string()) for c in ERROR_COLUMNS]))
+    return error_table(bad, ERROR_SCHEMA)
 
 
 def scores_png(classes: dict[str, dict], title: str) -> bytes:
@@ -272,7 +273,6 @@ def run(cfg: AuditJobConfig) -> dict[str, Any]:
     from reasonembed.llm.engine import resolve_model_source
     from reasonembed.llm.processor import generate_tables
     from reasonembed.remixer.annotate import AnnotationMessages
-    from reasonembed.remixer.llm_stage import cpu_seed_safe
     from reasonembed.remixer.prompts import profile_for
     from reasonembed.remixer.sources import expand_path
     from reasonembed.runtime import apply_env_defaults, connect_ray
@@ -287,7 +287,7 @@ def run(cfg: AuditJobConfig) -> dict[str, Any]:
     log.info("audit-annotator: %d pairs from %d queries of %s", len(pairs), len({p["query_id"] for p in pairs}), folder)
     connect_ray(cfg.ray)
     messages = AnnotationMessages({cfg.domain: profile_for(cfg.domain, cfg.domain_profile)}, cfg.annotate.prompt)
-    ok, bad = generate_tables(pa.Table.from_pylist(pairs, schema=PAIR_SCHEMA), cpu_seed_safe(cfg.annotator), messages,
+    ok, bad = generate_tables(pa.Table.from_pylist(pairs, schema=PAIR_SCHEMA), cfg.annotator, messages,
                               id_column="pair_id", keep_columns=["query_id", "doc_id", "label"])
     rows = score_rows(pairs, ok.to_pylist() + bad.to_pylist(), cfg)
     report = {"audited": "LLM relevance annotator vs benchmark qrels", **summarize(rows, cfg),

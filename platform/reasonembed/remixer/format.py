@@ -5,7 +5,8 @@ negative; candidates whose annotation is an error row have no score and are left
 Queries without a positive or without a negative are dropped (counted). ``train_group_size`` / ``batch_size`` are
 per domain (leetcode 2/64, pony 64/2, others 16/8).
 
-Columns: the public release's ``prompt, query, reasoning_query, pos, neg, train_group_size, batch_size`` plus our
+Columns: the canonical sample schema (``reasonembed.schemas.SAMPLE_SCHEMA``): the public release's ``prompt, query,
+reasoning_query, pos, neg, train_group_size, batch_size`` (``schemas.RELEASE_COLUMNS``) plus our
 ``sample_id = h("sample", query_id), query_id, pos_ids, neg_ids, pos_scores, neg_scores, source_doc_id, domain,
 shard, n_unscored``. The trainer reads both layouts.
 """
@@ -20,14 +21,16 @@ import pyarrow.compute as pc
 from reasonembed.remixer.context import Context
 from reasonembed.remixer.generate import final_queries
 from reasonembed.remixer.ids import content_hash, stage_hash
+from reasonembed.remixer.stage import POOL_COLUMNS, Requires, read_input, read_pool
+from reasonembed.schemas import SAMPLE_SCHEMA
 
-SAMPLE_SCHEMA = pa.schema([
-    ("sample_id", pa.string()), ("prompt", pa.string()), ("query", pa.string()), ("reasoning_query", pa.string()),
-    ("pos", pa.list_(pa.string())), ("neg", pa.list_(pa.string())), ("train_group_size", pa.int32()),
-    ("batch_size", pa.int32()), ("pos_ids", pa.list_(pa.string())), ("neg_ids", pa.list_(pa.string())),
-    ("pos_scores", pa.list_(pa.int8())), ("neg_scores", pa.list_(pa.int8())), ("query_id", pa.string()),
-    ("source_doc_id", pa.string()), ("domain", pa.string()), ("shard", pa.string()), ("n_unscored", pa.int32()),
-])
+# What formatting requires of its inputs (``remixer.stage``; the queries': generate.QUERIES_REQUIRES).
+FORMAT_REQUIRES: Requires = {
+    "mine": {"query_id": "the query's id", "shard": "shard of the source",
+             "candidate_ids": "the query's candidate documents, in mining rank order"},
+    "annotate": {"query_id": "the query's id", "doc_id": "the candidate's id", "score": "its relevance score"},
+    "pool": POOL_COLUMNS,
+}
 
 
 def hash_format(ctx: Context, upstream: str) -> str:
@@ -63,20 +66,19 @@ def run(ctx: Context, h: str) -> dict:
     stage = ctx.stage("format")
     shards = sorted(ctx.stage("prepare").done_shards())
     pending = [s for s in shards if s not in stage.done_shards()]
-    mine = ctx.stage("mine").read_parts()
-    scored = ctx.stage("annotate").read_parts(columns=["query_id", "doc_id", "score"])
+    mine = read_input(ctx, "format", FORMAT_REQUIRES, "mine")
+    scored = read_input(ctx, "format", FORMAT_REQUIRES, "annotate", columns=["query_id", "doc_id", "score"])
     scores: dict[str, dict[str, int]] = defaultdict(dict)
     for qid, did, s in zip(*(scored[c].to_pylist() for c in ("query_id", "doc_id", "score")), strict=True):
         scores[qid][did] = s
-    queries = {r["query_id"]: r for r in final_queries(ctx).to_pylist()}
-    pool = ctx.stage("pool")
+    queries = {r["query_id"]: r for r in final_queries(ctx, "format").to_pylist()}
     texts: dict[str, dict[str, str]] = {}
     counts: Counter = Counter()
     # Every shard is rebuilt (cheap) so the counts cover the whole stage; only pending shards are written.
     for s in shards:
         domain = s.rsplit("-", 1)[0]
         if domain not in texts:
-            pt = pool.read_table(pool.part_name(domain))
+            pt = read_pool(ctx, "format", FORMAT_REQUIRES, domain)
             texts[domain] = dict(zip(pt["doc_id"].to_pylist(), pt["text"].to_pylist(), strict=True))
         rows = []
         part = mine.filter(pc.equal(mine["shard"], s)) if mine.num_rows else mine

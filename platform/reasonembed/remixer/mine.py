@@ -34,6 +34,7 @@ from reasonembed.config.synthesize import MineConfig
 from reasonembed.remixer.context import Context
 from reasonembed.remixer.generate import final_queries
 from reasonembed.remixer.ids import row_rng, stage_hash
+from reasonembed.remixer.stage import POOL_COLUMNS, Requires, read_pool
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,10 @@ MINE_SCHEMA = pa.schema([
     ("candidate_ids", pa.list_(pa.string())), ("candidate_scores", pa.list_(pa.float32())),
     ("n_retrieved", pa.int32()), ("n_padded", pa.int32()),
 ])
+
+
+# What mining requires of the pool (the queries' columns: generate.QUERIES_REQUIRES).
+MINE_REQUIRES: Requires = {"pool": POOL_COLUMNS}
 
 
 def hash_mine(ctx: Context, upstream: str) -> str:
@@ -132,7 +137,7 @@ def run(ctx: Context, h: str) -> dict:
     cfg, m = ctx.cfg, ctx.cfg.mine
     stage = ctx.stage("mine")
     shards = sorted(ctx.stage("prepare").done_shards())
-    queries = final_queries(ctx)
+    queries = final_queries(ctx, "mine")
     done = stage.done_shards()
     pending = [s for s in shards if s not in done]
     pool = ctx.stage("pool")
@@ -142,7 +147,7 @@ def run(ctx: Context, h: str) -> dict:
         dom_shards = [s for s in pending if s.rsplit("-", 1)[0] == domain]
         if not dom_shards:
             continue
-        pool_t = pool.read_table(pool.part_name(domain))
+        pool_t = read_pool(ctx, "mine", MINE_REQUIRES, domain)
         pool_ids = pool_t["doc_id"].to_pylist()
         # Encode every query of the domain (not only the pending shards'): the encode stage's rows must not
         # depend on where an earlier run stopped.

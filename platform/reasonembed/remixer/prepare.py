@@ -28,7 +28,7 @@ from reasonembed.config.llm import LLMEngineConfig, StructuredOutputConfig
 from reasonembed.input_fingerprint import files_fingerprint, model_input
 from reasonembed.remixer.context import Context
 from reasonembed.remixer.ids import row_rng, shard_name, stage_hash
-from reasonembed.remixer.llm_stage import LLMTask, error_table, run_llm_shards
+from reasonembed.remixer.llm_stage import LLMTask, run_llm_shards
 from reasonembed.remixer.parsing import parse_yes_no
 from reasonembed.remixer.prompts import DomainProfile, domain_filter_prompt
 from reasonembed.remixer.sources import (
@@ -38,6 +38,7 @@ from reasonembed.remixer.sources import (
     domain_files,
     read_domain,
 )
+from reasonembed.schemas import error_schema, error_table
 from reasonembed.storage import StageDir
 
 log = logging.getLogger(__name__)
@@ -45,8 +46,7 @@ log = logging.getLogger(__name__)
 SOURCE_SCHEMA = pa.schema([("domain", pa.string()), ("doc_id", pa.string()), ("text", pa.string()),
                            ("shard", pa.string())])
 POOL_SCHEMA = pa.schema([("domain", pa.string()), ("doc_id", pa.string()), ("text", pa.string())])
-ERROR_SCHEMA = pa.schema([("domain", pa.string()), ("doc_id", pa.string()), ("reason", pa.string()),
-                          ("detail", pa.string()), ("raw_text", pa.string())])
+ERROR_SCHEMA = error_schema(("domain", pa.string()), ("doc_id", pa.string()))
 FILTER_SCHEMA = pa.schema([("domain", pa.string()), ("doc_id", pa.string()), ("keep", pa.bool_())])
 
 
@@ -143,7 +143,7 @@ def run(ctx: Context, h: str) -> dict:
     eligible: dict[str, list[tuple[str, str]]] = {}
     for domain in cfg.data.domains:
         corpus = read.pop(domain, None) or read_domain(cfg.data, domain, cfg.storage)
-        errors += [{**e, "raw_text": ""} for e in corpus.errors]
+        errors += corpus.errors
         eligible[domain] = _eligible(ctx, corpus, gold, gold_texts, counts)
     pool_stage.write_manifest(config_hash=h, rows_in=counts["docs_valid"], rows_out=counts["pool_docs"],
                               extra={"contaminated_removed": cfg.data.decontamination.apply_to_pool})
@@ -235,7 +235,7 @@ def _domain_filter(ctx: Context, h: str, eligible: dict[str, list[tuple[str, str
         for r in out.to_pylist():
             if r.get("error"):
                 errs.append({"domain": r["domain"], "doc_id": r["doc_id"], "reason": r["error"],
-                             "detail": r.get("error_detail") or "", "raw_text": ""})
+                             "detail": r.get("error_detail") or ""})
                 continue
             ok, reason = parse_yes_no(r["generated_text"])
             if reason:
@@ -245,7 +245,7 @@ def _domain_filter(ctx: Context, h: str, eligible: dict[str, list[tuple[str, str
                 keep_rows.append({"domain": r["domain"], "doc_id": r["doc_id"], "keep": ok})
         keep_rows.sort(key=lambda r: r["doc_id"])
         errs.sort(key=lambda r: r["doc_id"])
-        return error_table(keep_rows, FILTER_SCHEMA), error_table(errs, ERROR_SCHEMA)
+        return pa.Table.from_pylist(keep_rows, schema=FILTER_SCHEMA), error_table(errs, ERROR_SCHEMA)
 
     # Its error rows are not retried (retry_errors): new verdicts would change the seeded sample, i.e. all of
     # stage 0; redo it with overwrite instead.
