@@ -80,9 +80,10 @@ def _encode(ctx: Context, name: str, source_tag: str, ids: list[str], texts: lis
     enc_cfg = EncodeJobConfig(
         run_id=cfg.run_id, out=cfg.out, seed=cfg.seed, ray=cfg.ray, storage=cfg.storage,
         data=CorpusSource(path=f"reasonembed-synthesize:{name}@{source_tag}"), embedder=cfg.mine.embedder,
-        # No index: mining searches these embeddings with its own exact index (below); encode takes the width from
-        # the embedded rows.
-        engine=cfg.mine.engine, index=IndexConfig(build=False), stage=f"synthesize/{name}",
+        # The pool is searched through its exact FAISS index; query embeddings are only read back, so they get
+        # none (encode takes the width from the embedded rows).
+        engine=cfg.mine.engine, index=IndexConfig(build=name.startswith("mine_pool/"), kind="flat"),
+        stage=f"synthesize/{name}",
         # These encode stages are mine's private caches, keyed by source_tag: one started for other rows is stale
         # and discarded (mine itself only runs after its own reuse/refusal checks passed).
         overwrite=True,
