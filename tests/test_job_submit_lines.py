@@ -18,6 +18,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -135,7 +136,9 @@ def test_readme_evaluate_line_runs_as_written_against_a_real_head(user_checkout,
     try:
         for source, cmd in lines:
             cmd = cmd.replace("--address http://127.0.0.1:8265", f"--address {head.dashboard_url}")
-            env = {**os.environ, "RAY_ADDRESS": head.dashboard_url, "PWD": str(user_checkout)}
+            # `ray` from this Python environment, as an activated venv gives it to a user (make test does not activate).
+            path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+            env = {**os.environ, "RAY_ADDRESS": head.dashboard_url, "PWD": str(user_checkout), "PATH": path}
             proc = subprocess.run(["bash", "-c", cmd], cwd=user_checkout, env=env, capture_output=True, text=True,
                                   timeout=600)
             assert proc.returncode == 0, f"{source}: {cmd}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
