@@ -394,3 +394,32 @@ def test_catalog_falls_back_to_the_hub_with_a_clear_error(data_dir, monkeypatch)
         load_task("scifact", data_dir)
     with pytest.raises(DataError, match="not found"):
         load_task("beir/nfcorpus", data_dir)
+
+
+# ------------------------------------------------------------------------------------------ per-query instructions
+
+
+def test_per_query_instructions_stay_aligned(scifact_small, tmp_path):
+    d = _copy(scifact_small, tmp_path)
+    rows = read_jsonl(d / "queries.jsonl")
+    rows[1]["instruction"], rows[3]["instruction"] = "Find the abstract supporting the claim", "Refute the claim"
+    rows.insert(2, {"_id": "unjudged", "text": "dropped", "instruction": "never seen"})
+    write_jsonl(d / "queries.jsonl", rows)
+    with pytest.warns(DataWarning, match="1 queries have no relevance judgements"):
+        task = load_beir_folder(d)
+    by_id = dict(zip(task.queries.ids, task.queries.instructions, strict=True))
+    assert "unjudged" not in by_id and len(by_id) == 40
+    assert by_id[rows[1]["_id"]] == "Find the abstract supporting the claim"
+    assert by_id[rows[4]["_id"]] == "Refute the claim" and by_id[rows[0]["_id"]] is None
+    small = task.limit_queries(3)
+    assert small.queries.instructions == task.queries.instructions[:3]
+    assert load_beir_folder(_copy(scifact_small, tmp_path / "plain")).queries.instructions is None
+
+
+def test_non_string_instruction_is_an_error(scifact_small, tmp_path):
+    d = _copy(scifact_small, tmp_path)
+    rows = read_jsonl(d / "queries.jsonl")
+    rows[2]["instruction"] = ["not", "a", "string"]
+    write_jsonl(d / "queries.jsonl", rows)
+    with pytest.raises(DataError, match=r"queries.jsonl:3: field 'instruction' must be a string, got list"):
+        load_beir_folder(d)

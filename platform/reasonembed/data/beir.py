@@ -62,19 +62,22 @@ def read_corpus(path: str | Path, title_mode: TitleMode = "auto") -> Corpus:
 
 
 def read_queries(path: str | Path) -> tuple[Queries, dict[str, list[str]]]:
-    """Read a queries.jsonl (``id``/``_id``, ``text`` or ``query``); also returns per-query ``excluded_ids`` when
-    the records carry them (BRIGHT), with BRIGHT's ``"N/A"`` placeholder removed."""
+    """Read a queries.jsonl (``id``/``_id``, ``text`` or ``query``, optional per-query ``instruction``); also
+    returns per-query ``excluded_ids`` when the records carry them (BRIGHT), with BRIGHT's ``"N/A"`` placeholder
+    removed. ``Queries.instructions`` stays None unless some record has an ``instruction``."""
     p = Path(path)
     if not p.is_file():
         raise DataError(f"queries file not found: {p}")
     ids: list[str] = []
     texts: list[str] = []
+    instructions: list[str | None] = []
     excluded: dict[str, list[str]] = {}
     for n, obj in iter_jsonl(p):
         where = f"{p}:{n}"
         qid = require_id(obj, where)
         ids.append(qid)
         texts.append(require_text(obj, where, ("text", "query")))
+        instructions.append(_instruction(obj, where))
         ex = obj.get("excluded_ids")
         if ex:
             if not isinstance(ex, list):
@@ -82,7 +85,17 @@ def read_queries(path: str | Path) -> tuple[Queries, dict[str, list[str]]]:
             ex = [str(d) for d in ex if str(d) != NO_EXCLUSION]
             if ex:
                 excluded[qid] = ex
-    return Queries(ids=ids, texts=texts), excluded
+    has_instructions = any(i is not None for i in instructions)
+    return Queries(ids=ids, texts=texts, instructions=instructions if has_instructions else None), excluded
+
+
+def _instruction(obj: dict, where: str) -> str | None:
+    """A query record's own ``instruction`` (None when absent); anything but a string is a DataError, since a
+    number or list would be embedded as its repr."""
+    value = obj.get("instruction")
+    if value is None or isinstance(value, str):
+        return value
+    raise DataError(f"{where}: field 'instruction' must be a string, got {type(value).__name__}")
 
 
 def find_qrels(folder: Path, split: str = "test") -> Path:

@@ -45,13 +45,25 @@ class Corpus:
 
 @dataclass
 class Queries:
-    """Queries in a fixed order; ``texts`` are the raw queries (the instruction is applied by the embedder)."""
+    """Queries in a fixed order; ``texts`` are the raw queries (the instruction is applied by the embedder).
+
+    ``instructions`` carries per-query instructions from the data itself (a record's ``instruction`` field), for
+    benchmarks whose queries each come with their own task description. It is None when no record has one, else
+    one entry per query (None where that record has none), so it must be filtered and reordered together with
+    ``ids`` and ``texts`` (``select`` does that).
+    """
 
     ids: list[str]
     texts: list[str]
+    instructions: list[str | None] | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def select(self, positions: list[int]) -> Queries:
+        """The queries at ``positions``, in that order, with ids, texts and instructions kept aligned."""
+        instructions = None if self.instructions is None else [self.instructions[i] for i in positions]
+        return Queries([self.ids[i] for i in positions], [self.texts[i] for i in positions], instructions)
 
 
 @dataclass
@@ -89,7 +101,7 @@ class RetrievalTask:
         return RetrievalTask(
             name=self.name,
             corpus=self.corpus,
-            queries=Queries(keep, self.queries.texts[:n]),
+            queries=self.queries.select(list(range(len(keep)))),
             qrels={q: dict(v) for q, v in self.qrels.items() if q in keep_set},
             excluded_ids={q: list(v) for q, v in self.excluded_ids.items() if q in keep_set},
             instruction=self.instruction,
@@ -174,8 +186,8 @@ def _check_structure(task: RetrievalTask, require_corpus: bool, where: str) -> N
     c, q = task.corpus, task.queries
     if len(c.ids) != len(c.texts) or (c.titles is not None and len(c.titles) != len(c.ids)):
         raise DataError(f"{name}: corpus ids/texts/titles have different lengths{where}")
-    if len(q.ids) != len(q.texts):
-        raise DataError(f"{name}: query ids and texts have different lengths{where}")
+    if len(q.ids) != len(q.texts) or (q.instructions is not None and len(q.instructions) != len(q.ids)):
+        raise DataError(f"{name}: query ids/texts/instructions have different lengths{where}")
     dup = _duplicates(c.ids)
     if dup:
         raise DataError(
@@ -207,7 +219,7 @@ def _drop_unjudged_queries(task: RetrievalTask, counts: dict[str, int], where: s
     if unjudged or unknown_q:
         unjudged_set = set(unjudged)
         keep = [i for i, qid in enumerate(q.ids) if qid not in unjudged_set]
-        task.queries = Queries([q.ids[i] for i in keep], [q.texts[i] for i in keep])
+        task.queries = q.select(keep)
         task.qrels = {k: v for k, v in task.qrels.items() if k in qid_set and v}
         task.excluded_ids = {k: v for k, v in task.excluded_ids.items() if k in task.qrels}
     if not task.queries.ids:
