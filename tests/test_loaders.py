@@ -187,10 +187,14 @@ def test_bright_hub_rows_parse(bright_hub_files):
 
 def test_bright_folder_with_documents_file(data_dir, bright_hub_files):
     root, _, docs = bright_hub_files
-    with pytest.warns(DataWarning, match="relevant doc ids in the qrels are not in the corpus"):
+    with pytest.warns(DataWarning, match="qrels rows point at doc ids that are not in the corpus and were dropped"):
         task = load_bright("aops", data_dir=data_dir / "bright", documents_file=root / "documents-aops.parquet")
-    assert len(task.corpus) == len(docs) and len(task.queries) == 111
-    assert task.metadata["validation"]["relevant_docs_not_in_corpus"] > 0
+    # the documents file is a slice: judgements on documents outside it are dropped, and so are queries left with
+    # none (counted), since no retriever could ever find those documents
+    validation = task.metadata["validation"]
+    assert len(task.corpus) == len(docs) and len(task.queries) == 111 - validation.get("queries_without_qrels", 0)
+    assert validation["qrels_unknown_docs_dropped"] > 0
+    assert all(d in set(task.corpus.ids) for v in task.qrels.values() for d in v)
     docs_sha = task.metadata["files"]["documents"]
     assert docs_sha[:12] in task.metadata["revision"], "the documents file is part of the data revision"
 
@@ -305,9 +309,10 @@ def test_unknown_ids_in_qrels_are_counted(scifact_small, tmp_path):
         task = load_beir_folder(d)
     text = " ".join(str(w.message) for w in caught)
     assert "1 qrels query ids are not among the queries" in text
-    assert "2 relevant doc ids in the qrels are not in the corpus" in text
+    assert "2 qrels rows point at doc ids that are not in the corpus and were dropped (2 distinct ids)" in text
     assert "ghost-query" not in task.qrels
-    assert task.qrels[q0]["no-such-doc"] == 1, "kept: a missing relevant doc still counts against recall"
+    assert "no-such-doc" not in task.qrels[q0] and "no-such-doc-2" not in task.qrels[q0]
+    assert task.metadata["validation"]["qrels_unknown_docs_dropped"] == 2
 
 
 def test_duplicate_ids_are_errors(scifact_small, tmp_path):

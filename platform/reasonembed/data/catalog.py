@@ -6,7 +6,9 @@ Spec forms (what evaluate configs list):
   (``source="auto"``), or forced with ``source="local"``/``"hub"``;
 - ``r2med/<Task>``: R2MED, same rule;
 - ``bright`` / ``r2med``: every task of the benchmark (``expand_specs``);
-- a path to a folder: a BEIR-layout folder.
+- a path to a folder that has a queries file (``queries.jsonl``, ``.jsonl.gz``, ``.parquet``, or R2MED's
+  ``query.*``): a BEIR-layout folder in any of the variants ``reasonembed.data.beir`` accepts;
+- ``s3://bucket/prefix``: a BEIR-layout folder on S3, reached with the ``storage`` settings (endpoint, region).
 """
 
 from __future__ import annotations
@@ -15,10 +17,12 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from reasonembed.data.beir import load_beir_folder
+from reasonembed.config.base import StorageConfig
+from reasonembed.data.beir import find_queries, load_beir_folder
 from reasonembed.data.bright import BRIGHT_TASKS, load_bright
 from reasonembed.data.r2med import R2MED_TASKS, load_r2med
 from reasonembed.data.types import DataError, RetrievalTask
+from reasonembed.storage import Location, is_s3
 
 Source = Literal["auto", "local", "hub"]
 
@@ -41,12 +45,20 @@ def expand_specs(specs: list[str]) -> list[str]:
 
 
 def load_task(
-    spec: str, data_dir: str | Path | None = None, *, source: Source = "auto", require_corpus: bool = True
+    spec: str,
+    data_dir: str | Path | None = None,
+    *,
+    source: Source = "auto",
+    require_corpus: bool = True,
+    storage: StorageConfig | None = None,
 ) -> RetrievalTask:
-    """Load the task named by ``spec`` (module docstring)."""
+    """Load the task named by ``spec`` (module docstring). ``storage`` is how ``s3://`` specs are reached (the job's
+    ``cfg.storage``); None uses the environment (``AWS_ENDPOINT_URL``, ...)."""
+    if is_s3(spec):
+        return load_beir_folder(Location(spec, storage), require_corpus=require_corpus)
     root = Path(data_dir) if data_dir is not None else default_data_dir()
     as_path = Path(spec)
-    if as_path.is_dir() and (as_path / "queries.jsonl").is_file():
+    if as_path.is_dir() and find_queries(as_path) is not None:
         return load_beir_folder(as_path, require_corpus=require_corpus)
     family, _, name = spec.partition("/")
     if not name:

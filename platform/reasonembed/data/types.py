@@ -6,10 +6,12 @@ it so that every benchmark gets the same checks and the same messages:
 
 - errors (``DataError``), where no honest number can come out: duplicate doc or query ids, an empty corpus, no
   queries, no judgements at all;
-- warnings (``DataWarning``, with counts), where evaluation can go on and the counts explain the number: queries
-  without judgements (dropped, as BEIR/MTEB do), qrels for unknown queries (ignored), judged doc ids missing from the
-  corpus (kept, so recall still counts them as missed), queries with no relevant document, empty texts, excluded ids
-  that are also gold ids. The counts are also kept in ``task.metadata["validation"]`` for the report.
+- warnings (``DataWarning``, with counts), where evaluation can go on and the counts explain the number: qrels rows
+  pointing at doc ids that are not in the corpus (dropped: a judgement on a document nobody can retrieve measures
+  the folder, not the model; the warning says how many rows went), queries without judgements (dropped, as
+  BEIR/MTEB do; this includes queries whose every judged document was missing), qrels for unknown queries
+  (ignored), queries with no relevant document, empty texts, excluded ids that are also gold ids. The counts are
+  also kept in ``task.metadata["validation"]`` for the report (e.g. ``qrels_unknown_docs_dropped``).
 """
 
 from __future__ import annotations
@@ -173,6 +175,7 @@ def validate_task(task: RetrievalTask, *, require_corpus: bool = True, source: s
     where = f" in {source}" if source else ""
     _check_structure(task, require_corpus, where)
     counts: dict[str, int] = {}
+    _drop_unknown_docs(task, counts)
     _drop_unjudged_queries(task, counts, where)
     _warn_defects(task, counts)
     # merge: a task validated twice (a corpus added later) keeps what the first pass found and dropped
@@ -205,6 +208,22 @@ def _check_structure(task: RetrievalTask, require_corpus: bool, where: str) -> N
         raise DataError(f"{name}: there are no relevance judgements (qrels){where}; the task cannot be scored.")
 
 
+def _drop_unknown_docs(task: RetrievalTask, counts: dict[str, int]) -> None:
+    """Drop qrels rows whose doc id is not in the corpus, with one counted warning. Skipped while the corpus is
+    empty (a queries-only task gets its corpus later and is validated again then)."""
+    if not task.corpus.ids:
+        return
+    doc_set = set(task.corpus.ids)
+    unknown = [(q, d) for q, v in task.qrels.items() for d in v if d not in doc_set]
+    if not unknown:
+        return
+    distinct = sorted({d for _, d in unknown})
+    _warn(task.name, counts, "qrels_unknown_docs_dropped", len(unknown),
+          f"qrels rows point at doc ids that are not in the corpus and were dropped ({len(distinct)} distinct ids)",
+          distinct)
+    task.qrels = {q: {d: r for d, r in v.items() if d in doc_set} for q, v in task.qrels.items()}
+
+
 def _drop_unjudged_queries(task: RetrievalTask, counts: dict[str, int], where: str) -> None:
     """Drop queries without judgements and qrels of unknown queries (BEIR/MTEB do the same), with counted warnings;
     a task left with no judged query is an error, since its score would be made up of nothing."""
@@ -223,7 +242,8 @@ def _drop_unjudged_queries(task: RetrievalTask, counts: dict[str, int], where: s
         task.qrels = {k: v for k, v in task.qrels.items() if k in qid_set and v}
         task.excluded_ids = {k: v for k, v in task.excluded_ids.items() if k in task.qrels}
     if not task.queries.ids:
-        raise DataError(f"{name}: no query has relevance judgements{where}; check that qrels and queries use the same ids.")
+        raise DataError(f"{name}: no query has relevance judgements{where}; check that qrels, queries and corpus use "
+                        "the same ids.")
 
 
 def _warn_defects(task: RetrievalTask, counts: dict[str, int]) -> None:
@@ -232,11 +252,6 @@ def _warn_defects(task: RetrievalTask, counts: dict[str, int]) -> None:
     no_rel = [k for k, v in task.qrels.items() if not any(r > 0 for r in v.values())]
     _warn(name, counts, "queries_without_relevant_docs", len(no_rel),
           "judged queries have no relevant document (they score 0 on every metric)", no_rel)
-    if c.ids:
-        doc_set = set(c.ids)
-        missing = sorted({d for v in task.qrels.values() for d, r in v.items() if r > 0 and d not in doc_set})
-        _warn(name, counts, "relevant_docs_not_in_corpus", len(missing),
-              "relevant doc ids in the qrels are not in the corpus (kept: they count as never retrieved)", missing)
     empty_docs = [c.ids[i] for i, t in enumerate(c.texts) if not t or not t.strip()]
     _warn(name, counts, "empty_doc_texts", len(empty_docs), "documents have empty text", empty_docs)
     empty_q = [task.queries.ids[i] for i, t in enumerate(task.queries.texts) if not t or not t.strip()]
