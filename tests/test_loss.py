@@ -7,7 +7,6 @@ weights, RI statistics and the DDP-averaged gradients equal one process on the c
 from __future__ import annotations
 
 import math
-import socket
 
 import pytest
 import torch
@@ -237,12 +236,14 @@ def run_case(model, module, xq, xp, xr, has_rq, case) -> tuple[LossOutput, list[
     return out, [prm.grad.detach().clone() for prm in module.parameters()]
 
 
-def _worker(rank: int, port: int, result_dir: str) -> None:
+def _worker(rank: int, result_dir: str) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    # A file store, not tcp://<free port>: under a loaded suite another process could take the port between picking
+    # it and binding it (the run then died with SIGABRT in one rank).
+    dist.init_process_group("gloo", init_method=f"file://{result_dir}/store", rank=rank, world_size=WORLD)
     try:
         xq, xp, xr, has_rq = global_inputs()
         sl_q, sl_p = slice(rank * B, (rank + 1) * B), slice(rank * B * G, (rank + 1) * B * G)
@@ -265,16 +266,10 @@ def _worker(rank: int, port: int, result_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_cross_device_matches_single_process(tmp_path):
     import torch.multiprocessing as mp
 
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(str(tmp_path),), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
     xq, xp, xr, has_rq = global_inputs()
