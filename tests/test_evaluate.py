@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -107,3 +108,47 @@ def test_r2med_is_encoded_at_its_own_max_length(scifact_dir, mini_scifact, tmp_p
                                             "out": str(tmp_path / "override")})
     r2med = json.loads(Path(run(cfg)["report"]).read_text())["tasks"]["r2med/Biology"]["extra"]
     assert (r2med["max_length"], r2med["max_length_source"], r2med["truncated"]) == (8192, "config", 0)
+
+
+def test_per_query_instructions_are_used_and_reported(scifact_dir, tmp_path, minilm_path):
+    """Queries whose records carry an ``instruction`` are embedded with it (in the model's instruction format), the
+    others with the fallback (here none); report.json says so and counts them. Checked against embeddings made here
+    with Embedder.format_queries' format, on a pool folder (the pool protocol keeps the encode small)."""
+    from pool_fixtures import pool_folder
+
+    from reasonembed.config.embedder import EmbedderConfig
+    from reasonembed.config.evaluate import EvaluateJobConfig
+    from reasonembed.data import load_task
+    from reasonembed.evaluation.pipeline import run
+    from reasonembed.evaluation.runs import read_trec_run
+    from reasonembed.models.embedder import Embedder
+
+    folder = pool_folder(scifact_dir, tmp_path / "instructed", n_queries=12, depth=5)
+    own = {0: "Retrieve the abstract that supports or refutes the claim", 3: "Find evidence for this claim"}
+    records = [json.loads(x) for x in (folder / "queries.jsonl").read_text().splitlines()]
+    for i, instruction in own.items():
+        records[i]["instruction"] = instruction
+    (folder / "queries.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    cfg = EvaluateJobConfig.model_validate({"tasks": [str(folder)], "out": str(tmp_path / "o"), "protocol": "pool",
+                                            "corpus_encoding": "local", "plots": False,
+                                            "embedder": {"model": "minilm", "device": "cpu"}})
+    report = json.loads(Path(run(cfg)["report"]).read_text())["tasks"]["beir/instructed"]["extra"]
+    assert report["instruction_source"] == "per-query" and report["queries_with_own_instruction"] == 2
+    assert report["instruction_source_other_queries"] == "none"
+
+    trec = read_trec_run(tmp_path / "o" / "beir" / "instructed" / "run.trec")
+    task = load_task(str(folder))
+    embedder = Embedder(EmbedderConfig(model="minilm", device="cpu"))
+    text_of = dict(zip(task.corpus.ids, task.corpus.texts, strict=True))
+    for i in (0, 1, 3):
+        qid = task.queries.ids[i]
+        docs = sorted(trec[qid])
+        q = embedder.encode([task.queries.texts[i]], is_query=True, instruction=own.get(i))[0]
+        expected = embedder.encode([text_of[d] for d in docs]) @ q
+        assert np.allclose([trec[qid][d] for d in docs], expected, atol=1e-5), f"query {i}"
+    # The instruction changes the scores: a run that ignored it would not pass the check above.
+    plain = embedder.encode([text_of[d] for d in sorted(trec[task.queries.ids[0]])]) @ embedder.encode(
+        [task.queries.texts[0]], is_query=True)[0]
+    assert not np.allclose(plain, [trec[task.queries.ids[0]][d] for d in sorted(trec[task.queries.ids[0]])],
+                           atol=1e-3)

@@ -23,7 +23,7 @@ TOL = 1e-6
 def pytrec_reference(qrels, run, k_values=K_VALUES, relevance_level=1):
     """pytrec_eval's numbers under our key names; MRR@k is recip_rank on the run cut to its top k."""
     ks = ",".join(str(k) for k in k_values)
-    measures = {f"ndcg_cut.{ks}", f"recall.{ks}", f"P.{ks}", f"map_cut.{ks}", "map", "recip_rank"}
+    measures = {f"ndcg_cut.{ks}", f"recall.{ks}", f"P.{ks},1", f"map_cut.{ks}", "map", "recip_rank"}
     ev = pytrec_eval.RelevanceEvaluator(qrels, measures, relevance_level=relevance_level)
     full = ev.evaluate(run)
     out = {q: {} for q in full}
@@ -35,6 +35,7 @@ def pytrec_reference(qrels, run, k_values=K_VALUES, relevance_level=1):
             out[q][f"map_at_{k}"] = m[f"map_cut_{k}"]
         out[q]["map"] = m["map"]
         out[q]["mrr"] = m["recip_rank"]
+        out[q]["accuracy_at_1"] = m["P_1"]
     for k in k_values:
         cut = pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank"}, relevance_level=relevance_level).evaluate(
             top_k(run, k)
@@ -104,6 +105,29 @@ def test_negative_and_relevance_level_match_pytrec():
     run = {"r": {"x": 3.0, "y": 2.0, "z": 1.0, "u": 0.5, "w": 0.1}}
     for level in (1, 2, 3):
         assert_matches_pytrec(qrels, run, relevance_level=level)
+
+
+def test_accuracy_at_1_equals_pytrec_p1():
+    """Multiple choice: a few candidates per query, graded qrels with score-0 rows, a query whose judgements are all
+    0 (scores 0), a tie at the top (broken by doc id descending, as trec_eval does) and an empty run."""
+    qrels = {
+        "right": {"a": 0, "b": 2, "c": 0},  # b first: correct
+        "wrong": {"a": 1, "b": 0, "c": 0},  # b first: wrong
+        "tie": {"a": 1, "z": 0},  # tied scores: z > a by doc id, so z is first: wrong
+        "tie2": {"a": 0, "z": 3},  # the same tie, z relevant: right
+        "none": {"a": 0, "b": 0},  # no relevant candidate at all
+        "empty": {"a": 1},  # the run has nothing for it
+    }
+    run = {"right": {"a": 0.1, "b": 0.9, "c": 0.5}, "wrong": {"a": 0.2, "b": 0.7, "c": 0.1},
+           "tie": {"a": 0.5, "z": 0.5}, "tie2": {"a": 0.5, "z": 0.5}, "none": {"a": 0.3, "b": 0.2}, "empty": {}}
+    r = evaluate(qrels, run, (1, 10))
+    assert {q: v["accuracy_at_1"] for q, v in r.per_query.items()} == {
+        "right": 1.0, "wrong": 0.0, "tie": 0.0, "tie2": 1.0, "none": 0.0, "empty": 0.0}
+    assert r["accuracy_at_1"] == pytest.approx(2 / 6)
+    p1 = pytrec_eval.RelevanceEvaluator(qrels, {"P.1"}).evaluate({q: d for q, d in run.items() if d})
+    for q, m in p1.items():
+        assert r.per_query[q]["accuracy_at_1"] == m["P_1"], q
+    assert_matches_pytrec(qrels, {q: d for q, d in run.items() if d})
 
 
 def test_bad_arguments():

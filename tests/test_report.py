@@ -96,3 +96,20 @@ def test_plot_several_models(evaluated, tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError):
         plot_task([], tmp_path / "none.png")
+
+
+def test_protocol_and_accuracy_at_1_in_the_report(evaluated, tmp_path):
+    """report.json records the protocol (a report from before protocols existed reads as corpus), report.md says it
+    on its first line, and accuracy@1 is a reported metric, per task and per query."""
+    report, runs, results = evaluated["BM25"]
+    pool = Report(name="BM25", tasks=report.tasks, protocol="pool")
+    write_report(pool, tmp_path, results=results, plots=False)
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert data["protocol"] == "pool" and load_report(tmp_path).protocol == "pool"
+    first = (tmp_path / "report.md").read_text().splitlines()[0]
+    assert first.startswith("# Evaluation: BM25 (protocol pool: ") and "qrels" in first
+    assert "accuracy_at_1" in data["tasks"]["beir/scifact"]["metrics"]
+    assert "accuracy_at_1" in json.loads((tmp_path / "beir/scifact/per_query.jsonl").read_text().splitlines()[0])
+    del data["protocol"]
+    (tmp_path / "report.json").write_text(json.dumps(data))
+    assert load_report(tmp_path).protocol == "corpus"

@@ -1,4 +1,4 @@
-"""`reasonembed <verb>`: the same verbs as jobs/<verb>.py, plus `doctor` and `submit`.
+"""`reasonembed <verb>`: the same verbs as jobs/<verb>.py, plus `doctor`, `submit` and `compare`.
 
 Every job verb takes ``--config FILE`` (default ``configs/<verb>/local-tiny.yaml``), dotted overrides ``a.b=c``, and
 the most used fields as flags (``--model``, ``--data``, ``--out``, ...; each job config's ``FLAGS`` maps flags to
@@ -192,6 +192,8 @@ verbs:
   train       Redapter: RI-InfoNCE fine-tuning on Ray Train -> sentence-transformers model
   audit-annotator  LLM annotator vs a benchmark's qrels: AUC, score histograms, parse failures -> report
   serve       OpenAI-compatible embeddings + search endpoint on Ray Serve
+  compare     several evaluate outputs side by side: reasonembed compare RUN_DIR... [--out DIR] [--metric M]
+              -> table (md, CSV), PNG, the paper's numbers, paired significance per task
   submit      submit a job verb to a Ray cluster (reasonembed submit <verb> --address http://head:8265 ...)
 """
 
@@ -211,6 +213,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"reasonembed submit: not available in this version ({exc})", file=sys.stderr)
             return EXIT_UNAVAILABLE
         return int(submit_cli(rest) or 0)
+    if verb == "compare":  # reads finished reports: no config, no cluster
+        from reasonembed.evaluation.compare import main as compare_main
+
+        return compare_main(rest)
     if verb not in JOB_VERBS:
         print(f"reasonembed: unknown verb {verb!r}\n{USAGE}", file=sys.stderr)
         return EXIT_USAGE

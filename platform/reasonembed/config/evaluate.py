@@ -18,6 +18,7 @@ class EvaluateJobConfig(JobConfig):
 
     FLAGS: ClassVar[dict[str, str]] = {
         "model": "embedder.model", "data": "tasks", "benchmark": "tasks", "out": "out", "retriever": "retriever",
+        "protocol": "protocol",
     }
 
     tasks: list[str] = Field(
@@ -32,6 +33,11 @@ class EvaluateJobConfig(JobConfig):
         "auto", description="BRIGHT/R2MED: local folder if it has a corpus, else the Hugging Face hub (auto)."
     )
     retriever: Literal["dense", "bm25", "hybrid"] = Field("dense", description="dense | bm25 | hybrid.")
+    protocol: Literal["corpus", "pool"] = Field(
+        "corpus", description="corpus: each query searches the whole corpus. pool: each query ranks only the "
+        "documents its qrels list (every row, whatever the score: a reranking or multiple-choice pool); documents "
+        "outside a query's pool are never scored for it (reasonembed.evaluation.pool)."
+    )
     embedder: EmbedderConfig = Field(default_factory=EmbedderConfig, description="The dense model.")
     max_length: int | None = Field(
         None, ge=8, description="Max tokens per input for EVERY task, overriding both a benchmark's own length and "
@@ -43,7 +49,8 @@ class EvaluateJobConfig(JobConfig):
     )
     top_k: int | None = Field(
         None, ge=1, description="Documents retrieved per query before excluded ids are removed "
-        "(None: 2000 for BRIGHT as in the paper, 1000 otherwise)."
+        "(None: 2000 for BRIGHT as in the paper, 1000 otherwise). Protocol pool: None ranks each whole pool; a "
+        "number keeps each query's best top_k pool documents."
     )
     k_values: list[int] = Field(default_factory=lambda: [1, 5, 10, 100], description="Cut-offs for nDCG/recall.")
     bm25: BM25Config = Field(default_factory=BM25Config, description="BM25 settings (retriever bm25 or hybrid).")

@@ -16,11 +16,17 @@ stemming by default. These defaults are exactly the setting ImpliRet's authors u
 
 Documents that share no term with the query score 0 and are left out of the run: their order would be arbitrary.
 Queries with no term in the index vocabulary get an empty run (counted in ``BM25Stats``).
+
+Pool protocol (``BM25Retriever.score_pools``): the index and its statistics (N, df, avgdl) are the whole corpus's,
+as in a corpus search, but each query scores only its own pool documents, and every pool document is ranked, a
+zero score included: a pool is a fixed candidate list, and its zero-score candidates are ordered by trec_eval's tie
+rule (doc id) like any other tie.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -124,6 +130,31 @@ class BM25Retriever:
                 idx, sc = np.asarray(docs[row])[keep], np.asarray(scores[row])[keep]
                 run[query_ids[i]] = {self.doc_ids[d]: float(s) for d, s in zip(idx.tolist(), sc.tolist(), strict=True)}
         stats.n_results = sum(len(v) for v in run.values())
+        self.last_stats = stats
+        return run
+
+
+    def score_pools(self, query_ids: list[str], query_texts: list[str], pools: Mapping[str, Sequence[str]]) -> Run:
+        """``run[qid][docid]`` for exactly the docs of ``pools[qid]`` (ids of the indexed corpus), nothing else."""
+        if self._model is None:
+            raise RuntimeError("BM25Retriever.score_pools called before index()")
+        position = {d: i for i, d in enumerate(self.doc_ids)}
+        vocab = self._model.vocab_dict
+        tokens = [[t for t in q if t in vocab] for q in self._tokenize(list(query_texts), return_ids=False)]
+        run: Run = {}
+        stats = BM25Stats(n_queries=len(query_ids))
+        for qid, toks in zip(query_ids, tokens, strict=True):
+            rows = [position[d] for d in pools.get(qid, ())]
+            if toks:
+                scores = self._model.get_scores(toks)[rows]
+            else:
+                stats.n_empty_queries += 1
+                scores = np.zeros(len(rows))
+            run[qid] = {self.doc_ids[r]: float(s) for r, s in zip(rows, scores.tolist(), strict=True)}
+        stats.n_results = sum(len(v) for v in run.values())
+        if stats.n_empty_queries:
+            logger.warning("BM25: %d queries share no term with the index; their pools all score 0",
+                           stats.n_empty_queries)
         self.last_stats = stats
         return run
 

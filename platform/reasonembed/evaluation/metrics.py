@@ -17,6 +17,9 @@ Per query, with ranked docs ``d_1..d_n``, ``rel(d)`` from the qrels (0 when unju
   (trec_eval ``map_cut``). 0 when R is empty.
 - ``mrr_at_k`` = 1 / (rank of the first doc of R within the top k), else 0; ``mrr`` without a cutoff
   (trec_eval ``recip_rank``). ``mrr_at_k`` equals ``recip_rank`` on the run cut to its top k.
+- ``accuracy_at_1`` = 1 when the top-ranked doc d_1 is in R, else 0 (0 for an empty run): the multiple-choice
+  score (does the model put a correct candidate first?). It is trec_eval's ``P_1``; ties at the top are broken by
+  the ranking above (float32 score, then doc id descending), so it is as deterministic as every other metric.
 
 Averaging: arithmetic mean over judged queries (keys of the qrels). A judged query missing from the run scores 0
 (trec_eval ``-c``) by default, or is left out (``missing="skip"``, what pytrec_eval/MTEB/BEIR average over). Run
@@ -41,9 +44,10 @@ Qrels = Mapping[str, Mapping[str, int]]
 
 DEFAULT_K_VALUES: tuple[int, ...] = (1, 5, 10, 100)
 MAIN_METRIC = "ndcg_at_10"
-# The metrics a report shows by default (the paper's nDCG/recall cut-offs plus MRR and MAP).
+# The metrics a report shows by default (the paper's nDCG/recall cut-offs plus MRR, MAP and accuracy@1).
 HEADLINE_METRICS: tuple[str, ...] = (
     "ndcg_at_1", "ndcg_at_5", "ndcg_at_10", "ndcg_at_100", "recall_at_10", "recall_at_100", "mrr_at_10", "map",
+    "accuracy_at_1",
 )
 
 
@@ -98,6 +102,7 @@ def query_metrics(
         out[f"mrr_at_{k}"] = 1.0 / first_rel if first_rel is not None and first_rel <= k else 0.0
     out["map"] = float(ap_cum[-1]) / num_rel if num_rel and ranked else 0.0
     out["mrr"] = 1.0 / first_rel if first_rel is not None else 0.0
+    out["accuracy_at_1"] = 1.0 if is_rel and is_rel[0] else 0.0
     return out
 
 
@@ -106,7 +111,7 @@ def metric_names(k_values: Iterable[int] = DEFAULT_K_VALUES) -> list[str]:
     names = []
     for prefix in ("ndcg_at", "recall_at", "precision_at", "map_at", "mrr_at"):
         names += [f"{prefix}_{k}" for k in sorted(set(k_values))]
-    return names + ["map", "mrr"]
+    return names + ["map", "mrr", "accuracy_at_1"]
 
 
 @dataclass

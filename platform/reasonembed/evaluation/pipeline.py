@@ -1,8 +1,9 @@
 """`reasonembed evaluate`: load tasks, retrieve (dense / BM25 / hybrid), remove excluded ids, score, report.
 
-For every task: retrieve the top ``k`` per query (2000 for BRIGHT, as in the paper), drop the query's
-``excluded_ids`` (BRIGHT), compute nDCG@{1,5,10,100}, recall@{10,100}, MRR@10 and MAP, then write ``report.json``,
-``report.md``, ``<benchmark>/<task>/run.trec`` and a PNG per task under ``out``.
+For every task: retrieve the top ``k`` per query (2000 for BRIGHT, as in the paper) from the whole corpus
+(``protocol: corpus``) or rank each query's own qrels pool (``protocol: pool``, reasonembed.evaluation.pool), drop
+the query's ``excluded_ids`` (BRIGHT), compute nDCG@{1,5,10,100}, recall@{10,100}, MRR@10, MAP and accuracy@1, then
+write ``report.json``, ``report.md``, ``<benchmark>/<task>/run.trec`` and a PNG per task under ``out``.
 
 Max length per task (dense and hybrid): one model serves every task, but a benchmark may fix its own input length
 (R2MED: 512); ``task_max_length`` gives the precedence (run-level ``max_length`` > the task's length >
@@ -23,6 +24,7 @@ from reasonembed.data.catalog import expand_specs, load_task
 from reasonembed.data.types import RetrievalTask
 from reasonembed.evaluation.bm25 import bm25_run
 from reasonembed.evaluation.metrics import evaluate
+from reasonembed.evaluation.pool import pool_depth, pool_run
 from reasonembed.evaluation.report import Report, task_report, write_report
 from reasonembed.evaluation.retrieve import dense_run, fuse
 from reasonembed.evaluation.runs import ExclusionStats, remove_excluded
@@ -54,22 +56,37 @@ def task_max_length(cfg: EvaluateJobConfig, task: RetrievalTask, embedder: Embed
     return embedder.max_length, "embedder"
 
 
-def evaluate_task(cfg: EvaluateJobConfig, task: RetrievalTask, embedder: Embedder | None):
-    """Retrieve, remove excluded ids and score one task; returns (TaskReport, run, EvalResult)."""
-    t0 = time.time()
+def corpus_run(cfg: EvaluateJobConfig, task: RetrievalTask, embedder: Embedder | None) -> tuple[dict, dict]:
+    """The corpus-protocol run of ``task``: each query searches the whole corpus for its top ``k``."""
     k = cfg.top_k or default_top_k(task.benchmark)
-    info: dict = {"top_k": k, "retriever": cfg.retriever}
+    info: dict = {"protocol": "corpus", "top_k": k}
     if cfg.retriever == "bm25":
-        run_ = bm25_run(task, cfg.bm25.model_copy(update={"top_k": k}), k=k)
-    else:
+        return bm25_run(task, cfg.bm25.model_copy(update={"top_k": k}), k=k), info
+    run_, dense_info = dense_run(cfg, task, embedder, k)
+    info.update(dense_info)
+    if cfg.retriever == "hybrid":
+        run_ = fuse(run_, bm25_run(task, cfg.bm25.model_copy(update={"top_k": k}), k=k), cfg.hybrid_alpha, k)
+    return run_, info
+
+
+def evaluate_task(cfg: EvaluateJobConfig, task: RetrievalTask, embedder: Embedder | None):
+    """Retrieve (``cfg.protocol``: the whole corpus, or each query's pool), remove excluded ids and score one task;
+    returns (TaskReport, run, EvalResult)."""
+    t0 = time.time()
+    info: dict = {"retriever": cfg.retriever}
+    if embedder is not None:
         length, source = task_max_length(cfg, task, embedder)
         info.update(max_length=length, max_length_source=source)
-        run_, dense_info = dense_run(cfg, task, embedder.with_max_length(length), k)
-        info.update(dense_info)
-        if cfg.retriever == "hybrid":
-            run_ = fuse(run_, bm25_run(task, cfg.bm25.model_copy(update={"top_k": k}), k=k), cfg.hybrid_alpha, k)
+        embedder = embedder.with_max_length(length)
+    if cfg.protocol == "pool":
+        run_, retrieved = pool_run(cfg, task, embedder)
+        keep = pool_depth(cfg)  # a pool is cut (after exclusion) only to a top_k the user set
+    else:
+        run_, retrieved = corpus_run(cfg, task, embedder)
+        keep = None  # the top k were retrieved before exclusion, as BRIGHT's evaluator does
+    info.update(retrieved)
     stats = ExclusionStats()
-    run_ = remove_excluded(run_, task.excluded_ids, stats=stats)
+    run_ = remove_excluded(run_, task.excluded_ids, k=keep, stats=stats)
     info.update(excluded_removed=stats.n_removed, queries_with_exclusions_hit=stats.n_queries_affected)
     res = evaluate(task.qrels, run_, cfg.k_values)
     info["wall_s"] = round(time.time() - t0, 2)
@@ -109,7 +126,7 @@ def run(cfg: EvaluateJobConfig) -> dict:
     name = cfg.name or (model.get("model_name") if embedder else "BM25")
     if cfg.retriever == "hybrid":
         name = f"{name}+BM25"
-    report = Report(name=name, tasks=reports, model=model, config=cfg.model_dump(mode="json"))
+    report = Report(name=name, tasks=reports, model=model, config=cfg.model_dump(mode="json"), protocol=cfg.protocol)
     summary = {t.key: {m: round(t.metrics[m], 5) for m in ("ndcg_at_10", "recall_at_100") if m in t.metrics}
                for t in reports}
     summary["report"] = _write(cfg, report, runs, results)

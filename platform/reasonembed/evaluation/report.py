@@ -56,11 +56,19 @@ def task_report(task: RetrievalTask, result: EvalResult, **extra: Any) -> TaskRe
     )
 
 
+# What each query ranked under each evaluation protocol (the first line of report.md says it).
+PROTOCOLS: dict[str, str] = {
+    "corpus": "each query searches the whole corpus",
+    "pool": "each query ranks only the documents its qrels list",
+}
+
+
 @dataclass
 class Report:
     """A model's (or retriever's) results over tasks, with the config that produced them.
 
-    ``name`` labels the table row; ``model`` describes the model (name, path, revision, pooling, ...)."""
+    ``name`` labels the table row; ``model`` describes the model (name, path, revision, pooling, ...); ``protocol``
+    says what each query ranked (``PROTOCOLS``): numbers of different protocols are not comparable."""
 
     name: str
     tasks: list[TaskReport]
@@ -68,6 +76,7 @@ class Report:
     config: dict[str, Any] = field(default_factory=dict)
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     main_metric: str = MAIN_METRIC
+    protocol: str = "corpus"
 
     def benchmarks(self) -> list[str]:
         return list(dict.fromkeys(t.benchmark for t in self.tasks))
@@ -88,6 +97,7 @@ class Report:
             "name": self.name,
             "created": self.created,
             "main_metric": self.main_metric,
+            "protocol": self.protocol,
             "model": self.model,
             "config": self.config,
             "tasks": {t.key: asdict(t) for t in self.tasks},
@@ -100,6 +110,8 @@ class Report:
         return cls(
             name=d["name"], tasks=tasks, model=dict(d.get("model", {})), config=dict(d.get("config", {})),
             created=d.get("created", ""), main_metric=d.get("main_metric", MAIN_METRIC),
+            # reports written before protocols existed searched the whole corpus
+            protocol=d.get("protocol", "corpus"),
         )
 
 
@@ -163,8 +175,9 @@ def _details_md(report: Report, metrics: tuple[str, ...]) -> str:
 
 def render_markdown(report: Report, metrics: tuple[str, ...] = HEADLINE_METRICS) -> str:
     """The whole report.md: headline table, per-task metrics (x100), data revisions and warnings, model, config."""
+    protocol = PROTOCOLS.get(report.protocol, report.protocol)
     parts = [
-        f"# Evaluation: {report.name}",
+        f"# Evaluation: {report.name} (protocol {report.protocol}: {protocol})",
         "",
         f"{report.main_metric} x 100 ({report.created})",
         "",
