@@ -50,8 +50,12 @@ demo-smoke: install
 lint: install
 	$(VENV)/bin/ruff check platform jobs serve tests bench
 
+# Two workers, whole files each (module-scoped fixtures such as a Serve app or a Ray head start once): on a 2-core box
+# much of the suite waits on process start-up, Ray and HTTP, so two files at a time fit. More workers than cores
+# would only add Ray clusters competing for the same cores; set TEST_WORKERS=0 to run in one process.
+TEST_WORKERS ?= 2
 test: install lint
-	$(VENV)/bin/pytest tests -q -m "not acceptance" --durations=30
+	$(VENV)/bin/pytest tests -q -m "not acceptance" --durations=30 $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 
 # Full-size checks against published figures (e.g. all-MiniLM-L6-v2 on all of SciFact vs MTEB's 0.64508: ~5 min).
 acceptance: install

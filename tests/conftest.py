@@ -58,8 +58,25 @@ def listening_sockets():
     return _listening_sockets
 
 
+# Test files by measured wall time on a 2-core CPU box, longest first (make test's --durations). `make test` runs two
+# pytest-xdist workers that take whole files (--dist loadfile) in collection order, so starting with the longest files
+# keeps one worker from being left alone with a 7-minute file at the end (longest-processing-time-first scheduling).
+LONGEST_FIRST = (
+    "test_remixer_pipeline.py", "test_trainer_ray.py", "test_serve_app.py", "test_encode.py", "test_job_submit_lines.py",
+    "test_serve_cli.py", "test_engine_pool.py", "test_submit.py", "test_serve_limits.py", "test_audit.py",
+    "test_llm_processor.py", "test_encode_inputs.py", "test_autoscaling.py", "test_serve_wheel.py",
+    "test_onnx_backend.py", "test_remixer_reuse.py", "test_evaluate.py",
+)
+
+
+def _longest_first(items: list) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(Path(str(item.fspath)).name, len(rank)))  # stable: file order kept
+
+
 def pytest_collection_modifyitems(config, items):
-    """Skip `gpu` tests without CUDA (they run on a lent GPU machine)."""
+    """Longest test files first (see LONGEST_FIRST); skip `gpu` tests without CUDA (they run on a lent GPU machine)."""
+    _longest_first(items)
     try:
         import torch
 

@@ -35,8 +35,11 @@ CONFIG = REPO / "configs" / "synthesize" / "local-tiny.yaml"
 # These tests exercise machinery (ids, shards, kills, error rows), so they swap the preset's real SmolLM2 for the
 # random-weight tiny Qwen3 (faster to start and to run) and ask for byte-identical re-runs. The tiny model needs a
 # looser annotation shape: it never writes a sentence of reasoning before the tag within the token budget.
+# Every run also has the LLM domain filter on (guided Yes/No), so the filter stage is covered by the shared reference
+# run instead of a run of its own.
 MACHINERY = ["generator.model=tiny-qwen3", "annotator.model=tiny-qwen3", "batch_invariant=true",
-             "annotator.structured_output.regex='[\\s\\S]{0,64}<score>[1-5]</score>'"]
+             "annotator.structured_output.regex='[\\s\\S]{0,64}<score>[1-5]</score>'",
+             "prepare.domain_filter.enabled=true", "prepare.domain_filter.guided=true"]
 STAGE_KEYS = {  # the id column of each stage's rows
     "prepare": "doc_id", "pool": "doc_id", "generate": "gen_id", "reason": "query_id", "mine": "query_id",
     "annotate": "pair_id", "format": "sample_id",
@@ -191,6 +194,13 @@ def test_tiny_run_end_to_end(reference_run, data_dir):
     # Rows per stage add up: every request is either a row or an error row.
     st = summary["stages"]
     assert st["prepare"]["rows_out"] == 6 and st["generate"]["rows_in"] == 6
+    # The domain filter (stage 0's LLM yes/no): a verdict or an error row per eligible document; sources are drawn
+    # from the kept ones only.
+    verdicts = parts(syn / "domain_filter").to_pylist()
+    fm = json.loads((syn / "domain_filter" / "_manifest.json").read_text())
+    assert len(verdicts) + fm["rows_error"] == fm["rows_in"] > 0 and fm["status"] == "complete"
+    kept = {v["doc_id"] for v in verdicts if v["keep"]}
+    assert set(parts(syn / "prepare")["doc_id"].to_pylist()) <= kept
     assert st["generate"]["rows_out"] + st["generate"]["rows_error"] == 6
     assert st["annotate"]["rows_out"] + st["annotate"]["rows_error"] == st["annotate"]["rows_in"]
     assert st["annotate"]["rows_in"] == 8 * st["mine"]["rows_out"]
@@ -229,8 +239,8 @@ def test_tiny_run_end_to_end(reference_run, data_dir):
         model = json.loads((syn / stage / "_manifest.json").read_text())["extra"]["model"]
         assert model["reference"] == "tiny-qwen3" and Path(model["resolved"]).is_dir()
         assert len(model["fingerprint"]) == 64 and model["dtype"] == "float32"
-    assert [e["stages"] for e in summary["engines"]] == [["synthesize/generate", "synthesize/reason",
-                                                          "synthesize/annotate"]]
+    assert [e["stages"] for e in summary["engines"]] == [["synthesize/domain_filter", "synthesize/generate",
+                                                          "synthesize/reason", "synthesize/annotate"]]
     # Report and PNG.
     report = json.loads((syn / "report.json").read_text())
     assert report["source_candidate_fraction"] == 0.0
@@ -250,10 +260,8 @@ def test_killed_driver_and_actor_then_resumed_equals_uninterrupted(reference_run
     ref_out, ref = reference_run
     out = tmp_path / "killed"
     # First fault: SIGKILL the driver (and so its whole local cluster) when generate commits its first shard.
-    # This first run uses per-stage engines (ray.data.llm's own actor pools) and the resumed run the shared engine,
-    # so the equality checks below also show that both paths write the same texts.
-    first = run_pipeline(out, tiny_data, ["share_engines=false"],
-                         kill_when="local-tiny/synthesize/generate/part-*.parquet")
+    # (That per-stage engines write the same texts as the shared one is test_free_text_annotation_errors_are_rows.)
+    first = run_pipeline(out, tiny_data, [], kill_when="local-tiny/synthesize/generate/part-*.parquet")
     assert first["killed_with"] and first["summary"] is None
     syn = out / "local-tiny" / "synthesize"
     # killed inside the stage: the generate stage has parts but no manifest yet
@@ -321,7 +329,10 @@ def test_free_text_annotation_errors_are_rows(reference_run, tiny_data, tmp_path
     A short context also sends long prompts to the prompt_too_long pre-filter instead of the engine.
 
     The same run retries errors (--retry-errors): a generate row planted as a transient engine error comes back
-    through vLLM exactly once, and the stages downstream of generate redo only its shard."""
+    through vLLM exactly once, and the stages downstream of generate redo only its shard. It runs with per-stage
+    engines (ray.data.llm's own actor pools, share_engines=false) where the reference run shared one engine, so the
+    equality of the retried generate row and the redone reason shard with the reference also shows that both engine
+    paths write the same texts."""
     ref_out, _ = reference_run
     out = tmp_path / "free"
     shutil.copytree(ref_out / "local-tiny", out / "local-tiny")
@@ -361,18 +372,3 @@ def test_free_text_annotation_errors_are_rows(reference_run, tiny_data, tmp_path
             assert "tokens > limit" in e["detail"] and e["raw_text"] == ""
         else:  # the model's raw text is kept and re-parses to the same reason
             assert parse_score(e["raw_text"])[1] == e["reason"]
-
-
-def test_domain_filter_stage(tiny_data, tmp_path, tiny_qwen3_path):
-    out = tmp_path / "filter"
-    res = run_pipeline(out, tiny_data, ["prepare.domain_filter.enabled=true",
-                             "prepare.domain_filter.guided=true", "stop_after=prepare"])
-    syn = out / "local-tiny" / "synthesize"
-    verdicts = parts(syn / "domain_filter").to_pylist()
-    m = json.loads((syn / "domain_filter" / "_manifest.json").read_text())
-    assert len(verdicts) + m["rows_error"] == m["rows_in"] > 0
-    kept = {v["doc_id"] for v in verdicts if v["keep"]}
-    sources = set(parts(syn / "prepare")["doc_id"].to_pylist())
-    assert sources <= kept and len(sources) == min(6, len(kept))
-    assert res["summary"]["stages"]["prepare"]["rows_out"] == len(sources)
-    assert not (syn / "generate").exists()
