@@ -40,6 +40,25 @@ def test_evaluate_bm25_on_a_beir_folder(mini_scifact, tmp_path):
     assert 0.5 < metrics["ndcg_at_10"] <= 1.0
 
 
+def test_evaluate_reads_a_task_folder_on_s3(mini_scifact, s3_server, tmp_path):
+    """`--data s3://...` goes through the job's storage settings (a real moto server) and scores exactly what the
+    same folder scores locally."""
+    from reasonembed.config.base import StorageConfig
+    from reasonembed.storage import Location
+
+    dest = Location("s3://reasonembed/eval-input/mini", StorageConfig(s3_endpoint=s3_server))
+    for f in ("corpus.jsonl", "queries.jsonl", "qrels.tsv"):
+        dest.upload_file(mini_scifact / f, f)
+    local, remote = tmp_path / "local", tmp_path / "s3"
+    _evaluate(["--retriever", "bm25", "--data", str(mini_scifact), "--out", str(local)])
+    _evaluate(["--retriever", "bm25", "--data", "s3://reasonembed/eval-input/mini", "--out", str(remote)])
+    want = json.loads((local / "report.json").read_text())["tasks"]
+    got = json.loads((remote / "report.json").read_text())["tasks"]
+    assert len(got) == 1 and len(want) == 1
+    (w,), (g,) = want.values(), got.values()
+    assert g["metrics"] == w["metrics"] and g["n_queries"] == w["n_queries"] == 40
+
+
 def test_evaluate_rejects_missing_data(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "reasonembed.cli", "evaluate", "--data", str(tmp_path / "none"),
                            "--out", str(tmp_path / "o")], cwd=REPO, capture_output=True, text=True, timeout=300)

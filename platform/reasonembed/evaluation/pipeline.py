@@ -102,7 +102,8 @@ def run(cfg: EvaluateJobConfig) -> dict:
     specs = expand_specs(cfg.tasks)
     if cfg.prebuilt_index and len(specs) != 1:
         raise ConfigError(f"prebuilt_index serves one task, but tasks expand to {len(specs)}: {specs}")
-    tasks = [load_task(s, cfg.data_dir, source=cfg.source) for s in specs]  # fail before any work on bad input
+    # Fail before any work on bad input; s3:// task folders are read with the job's storage settings.
+    tasks = [load_task(s, cfg.data_dir, source=cfg.source, storage=cfg.storage) for s in specs]
     if cfg.max_queries:
         tasks = [t.limit_queries(cfg.max_queries) for t in tasks]
     embedder = None
