@@ -28,7 +28,7 @@ from reasonembed.remixer import report
 from reasonembed.remixer.annotate import SCORE_SCHEMA
 from reasonembed.remixer.context import Context
 from reasonembed.remixer.format import SAMPLE_SCHEMA
-from reasonembed.remixer.generate import ERROR_SCHEMA, QUERY_SCHEMA, QueryParser, _post_generate
+from reasonembed.remixer.generate import ERROR_SCHEMA, GENERATE, QUERY_SCHEMA, QueryParser, _post_generate
 from reasonembed.remixer.llm_stage import (
     INPUT_KEY,
     Collector,
@@ -43,7 +43,6 @@ from reasonembed.remixer.llm_stage import (
     with_input_keys,
 )
 from reasonembed.remixer.mine import MINE_SCHEMA
-from reasonembed.remixer.pipeline import stage_inputs
 from reasonembed.remixer.prepare import POOL_SCHEMA, SOURCE_SCHEMA
 from reasonembed.remixer.prompts import profile_for
 from reasonembed.repeats import CONFLICTING_ID
@@ -101,7 +100,7 @@ def test_changed_corpus_is_refused_then_overwrite_redoes(small_corpus, tmp_path,
     assert again.inputs[str(corpus / "corpus.jsonl")] != first.inputs[str(corpus / "corpus.jsonl")]
     pool = {r["doc_id"]: r["text"] for r in ctx.stage("pool").read_parts().to_pylist()}
     assert pool[str(edited["id"])].endswith("An edited sentence.")
-    nxt = stage_inputs(ctx, "generate")
+    nxt = GENERATE.inputs(ctx)
     assert nxt["upstream:prepare"] == prep.output_fingerprint() and "model:smollm2-135m" in nxt
     assert prep.output_fingerprint() != StageDir.output_fingerprint(_frozen(prep, first))
     # The benchmark's gold file is an input too.

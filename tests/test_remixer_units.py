@@ -304,11 +304,17 @@ def _prep_cfg(corpus: Path, out: Path, data_dir: Path, **extra) -> SynthesizeJob
     return SynthesizeJobConfig.model_validate(raw)
 
 
+def _run_prepare(ctx: Context, h: str) -> dict:
+    """Stage 0 alone under config hash ``h``, as the pipeline runs it; returns its manifest fields."""
+    ctx.hashes["prepare"] = h
+    return prepare.PREPARE.run(ctx).manifest_fields()
+
+
 def test_prepare_decontaminates_dedups_and_keeps_bad_rows(mixed_corpus, tmp_path, data_dir):
     corpus, gold = mixed_corpus
     cfg = _prep_cfg(corpus, tmp_path / "runs", data_dir)
     ctx = Context.open(cfg)
-    fields = prepare.run(ctx, "h1")
+    fields = _run_prepare(ctx, "h1")
     sources = ctx.stage("prepare").read_parts()
     pool = ctx.stage("pool").read_parts()
     src_ids = set(sources["doc_id"].to_pylist())
@@ -340,7 +346,7 @@ def test_prepare_gold_copy_under_another_id_is_decontaminated(mixed_corpus, tmp_
     lines.append(json.dumps({"id": copy_id, "text": gold_doc["text"]}))
     (corpus / "corpus.jsonl").write_text("\n".join(lines) + "\n")
     ctx = Context.open(_prep_cfg(corpus, tmp_path / "runs", data_dir))
-    fields = prepare.run(ctx, "h-gold-copy")
+    fields = _run_prepare(ctx, "h-gold-copy")
     sources = set(ctx.stage("prepare").read_parts()["doc_id"].to_pylist())
     pool = set(ctx.stage("pool").read_parts()["doc_id"].to_pylist())
     assert copy_id not in sources, "a copy of a gold document became a source"
@@ -354,7 +360,7 @@ def test_prepare_sampling_is_seeded(mixed_corpus, tmp_path, data_dir):
     def sample(out: str, seed: int) -> list[str]:
         cfg = _prep_cfg(corpus, tmp_path / out, data_dir, prepare={"n_per_domain": 7, "sample_seed": seed})
         ctx = Context.open(cfg)
-        prepare.run(ctx, "h")
+        _run_prepare(ctx, "h")
         return ctx.stage("prepare").read_parts()["doc_id"].to_pylist()
 
     a, b, c = sample("a", 1), sample("b", 1), sample("c", 2)
@@ -366,7 +372,40 @@ def test_decontamination_path_must_exist(mixed_corpus, tmp_path, data_dir):
     cfg = _prep_cfg(corpus, tmp_path / "r", data_dir)
     cfg.data.decontamination.path = str(tmp_path / "missing")
     with pytest.raises(ConfigError, match="decontamination.path"):
-        prepare.run(Context.open(cfg), "h")
+        _run_prepare(Context.open(cfg), "h")
+
+
+# ---- the stage protocol ---------------------------------------------------------------------------------------
+def test_pipeline_loops_over_stages_with_one_protocol():
+    """Every stage has a name, a fingerprint (config hash chained through the stages before it, plus inputs) and a
+    run returning a StageResult; a changed generator setting changes generate's hash and every later stage's."""
+    import inspect
+
+    from reasonembed.remixer import context, pipeline
+    from reasonembed.remixer.prompts import profiles
+    from reasonembed.remixer.stage import Stage, StageResult
+
+    assert tuple(s.name for s in pipeline.STAGES) == context.STAGES
+    for stage in pipeline.STAGES:
+        assert isinstance(stage, Stage) and list(inspect.signature(stage.run).parameters) == ["ctx"]
+        assert inspect.signature(stage.run).return_annotation in (StageResult, "StageResult")
+        assert set(stage.upstream) <= {*context.STAGES, "pool"} and set(stage.requires) <= {*stage.upstream}
+
+    def hashes(*overrides: str) -> dict[str, str]:
+        cfg = load_model(SynthesizeJobConfig, REPO / "configs" / "synthesize" / "local-tiny.yaml", list(overrides))
+        ctx = Context(cfg=cfg, run=None, profiles=profiles(cfg))
+        for stage in (s for s in pipeline.STAGES if s.enabled(ctx)):
+            ctx.hashes[stage.name] = stage.config_hash(ctx)
+        return ctx.hashes
+
+    base, hot = hashes(), hashes("generator.sampling.temperature=0.5")
+    assert [n for n in base if base[n] != hot[n]] == ["generate", "reason", "mine", "annotate", "format"]
+    no_reason = hashes("reasoning.enabled=false")
+    assert "reason" not in no_reason and no_reason["prepare"] == base["prepare"] and no_reason["mine"] != base["mine"]
+    result = StageResult(rows_in=3, rows_out=2, rows_error=1, errors_by_reason={"x": 1}, extra={"k": 1},
+                         shards_changed=["s"])
+    assert result.manifest_fields() == {"rows_in": 3, "rows_out": 2, "rows_error": 1, "errors_by_reason": {"x": 1},
+                                        "extra": {"k": 1}}
 
 
 # ---- engine settings for exact re-generation -------------------------------------------------------------------
@@ -428,7 +467,7 @@ def test_prepare_reads_and_writes_s3(mixed_corpus, s3_server, data_dir):
     cfg = cfg.model_copy(update={"out": "s3://reasonembed/runs",
                                  "data": cfg.data.model_copy(update={"corpus": "s3://reasonembed/corpora/bio"})})
     ctx = Context.open(cfg)
-    fields = prepare.run(ctx, "h-s3")
+    fields = _run_prepare(ctx, "h-s3")
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket="reasonembed", Prefix="runs/")["Contents"]}
     assert "runs/local-tiny/synthesize/prepare/part-biology-00000.parquet" in keys
     assert "runs/local-tiny/synthesize/pool/part-biology.parquet" in keys

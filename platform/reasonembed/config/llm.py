@@ -142,7 +142,9 @@ class LLMEngineConfig(StrictModel):
     engine_kwargs: dict[str, Any] = Field(
         default_factory=dict,
         description="Passed to vllm.AsyncEngineArgs as is, after the fields above (e.g. max_num_seqs, "
-        "enable_prefix_caching, gpu_memory_utilization). Keys set here win.",
+        "enable_prefix_caching, gpu_memory_utilization). Keys set here win; on CPU, the step budget of whole-prompt "
+        "prefill (reasonembed.llm.engine.CPU_WHOLE_PREFILL_TOKENS) is only filled in when max_num_batched_tokens "
+        "is not set here.",
     )
 
     @field_validator("concurrency", mode="before")

@@ -22,13 +22,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from reasonembed.config.synthesize import AnnotateConfig
+from reasonembed.input_fingerprint import model_input
 from reasonembed.remixer.context import Context
-from reasonembed.remixer.generate import engine_identity, final_queries
-from reasonembed.remixer.ids import content_hash, stage_hash
-from reasonembed.remixer.llm_stage import LLMStageStats, LLMTask, parse_failures, run_llm_shards
+from reasonembed.remixer.generate import QUERIES_REQUIRES, engine_identity, final_queries
+from reasonembed.remixer.ids import content_hash
+from reasonembed.remixer.llm_stage import LLMTask, llm_result, run_llm_shards
 from reasonembed.remixer.parsing import parse_score
 from reasonembed.remixer.prompts import DomainProfile, annotation_prompt
-from reasonembed.remixer.stage import POOL_COLUMNS, Requires, read_input, read_pool
+from reasonembed.remixer.stage import POOL_COLUMNS, Requires, Stage, StageResult, read_input, read_pool
 from reasonembed.schemas import error_schema, error_table
 
 SCORE_SCHEMA = pa.schema([
@@ -45,11 +46,6 @@ ANNOTATE_REQUIRES: Requires = {
              "candidate_ids": "the query's candidate documents, in mining rank order"},
     "pool": POOL_COLUMNS,
 }
-
-
-def hash_annotate(ctx: Context, upstream: str) -> str:
-    return stage_hash("annotate", upstream, ctx.cfg.annotate, engine_identity(ctx.cfg.annotator),
-                      {d: [p.relevance_definition, p.query_type, p.doc_type] for d, p in ctx.profiles.items()})
 
 
 class AnnotationMessages:
@@ -114,22 +110,38 @@ class ScoreParser:
         return pa.Table.from_pylist(good, schema=SCORE_SCHEMA), error_table(bad, ERROR_SCHEMA)
 
 
-def run(ctx: Context, h: str) -> tuple[dict, LLMStageStats]:
-    stage = ctx.stage("annotate")
-    pairs = pair_rows(ctx)
-    shards = sorted(ctx.stage("prepare").done_shards())
-    task = LLMTask(ctx.cfg.annotator, AnnotationMessages(ctx.profiles, ctx.cfg.annotate.prompt),
-                   ScoreParser(ctx.cfg.annotate), id_column="pair_id",
-                   keep_columns=["query_id", "doc_id", "rank", "domain", "shard"], part_id="pair_id",
-                   error_id="pair_id")
-    stats = run_llm_shards(stage, pairs, shards, task, batch_invariant=ctx.cfg.batch_invariant,
-                           engines=ctx.engines, retry_errors=ctx.cfg.retry_errors)
-    out, errors = stage.read_parts(), stage.read_errors()
+def _scores(out: pa.Table) -> dict:
     hist = Counter(out["score"].to_pylist()) if out.num_rows else Counter()
     total_tokens = int(pc.sum(out["num_generated_tokens"]).as_py() or 0) if out.num_rows else 0
-    fields = {"rows_in": pairs.num_rows, "rows_out": out.num_rows, "rows_error": errors.num_rows,
-              "errors_by_reason": dict(Counter(errors["reason"].to_pylist())) if errors.num_rows else {},
-              "extra": {**stats.as_dict(), **parse_failures(errors, out.num_rows),
-                        "score_histogram": {str(k): hist[k] for k in sorted(hist)},
-                        "generated_tokens_total": total_tokens}}
-    return fields, stats
+    return {"score_histogram": {str(k): hist[k] for k in sorted(hist)}, "generated_tokens_total": total_tokens}
+
+
+class AnnotateStage(Stage):
+    """Stage 3: pointwise relevance annotation of every (query, candidate) pair (module docstring)."""
+
+    name = "annotate"
+    upstream = ("pool", "mine", "generate", "reason")
+    requires = {**QUERIES_REQUIRES, **ANNOTATE_REQUIRES}
+    retryable = True
+
+    def settings(self, ctx: Context) -> list:
+        return [ctx.cfg.annotate, engine_identity(ctx.cfg.annotator),
+                {d: [p.relevance_definition, p.query_type, p.doc_type] for d, p in ctx.profiles.items()}]
+
+    def own_inputs(self, ctx: Context) -> dict[str, str]:
+        return model_input(ctx.cfg.annotator.model)
+
+    def run(self, ctx: Context) -> StageResult:
+        pairs = pair_rows(ctx)
+        task = LLMTask(ctx.cfg.annotator, AnnotationMessages(ctx.profiles, ctx.cfg.annotate.prompt),
+                       ScoreParser(ctx.cfg.annotate), id_column="pair_id",
+                       keep_columns=["query_id", "doc_id", "rank", "domain", "shard"], part_id="pair_id",
+                       error_id="pair_id")
+        stage = ctx.stage(self.name)
+        stats = run_llm_shards(stage, pairs, sorted(ctx.stage("prepare").done_shards()), task,
+                               batch_invariant=ctx.cfg.batch_invariant, engines=ctx.engines,
+                               retry_errors=ctx.cfg.retry_errors)
+        return llm_result(stage, pairs.num_rows, stats, _scores)
+
+
+ANNOTATE = AnnotateStage()

@@ -2,8 +2,8 @@
 
 A stage's hash covers its own settings and the hashes of the stages it reads, so changing, say, the generator's
 temperature changes the hashes of generate, mine, annotate and format but not prepare. A finished stage whose
-manifest carries the same hash and the same input fingerprints (``pipeline.stage_inputs``: files, models, upstream
-outputs) is skipped; a stage folder begun under another hash or from other inputs is refused (or discarded with
+manifest carries the same hash and the same input fingerprints (``Stage.inputs`` in ``remixer.stage``: files, models,
+upstream outputs) is skipped; a stage folder begun under another hash or from other inputs is refused (or discarded with
 ``overwrite: true``) rather than mixing rows of two configs or two versions of the data.
 """
 
@@ -36,6 +36,13 @@ class Context:
 
     def stage(self, name: str) -> StageDir:
         return self.run.stage(f"{STAGE_ROOT}/{name}")
+
+    def previous_hash(self, name: str) -> str:
+        """The config hash of the stage run before ``name`` (``reason`` is skipped when disabled): the link of the
+        hash chain. The pipeline records each stage's hash in ``hashes`` before running it."""
+        order = [s for s in STAGES if s != "reason" or self.cfg.reasoning.enabled]
+        i = order.index(name)
+        return self.hashes[order[i - 1]] if i else ""
 
     @property
     def seed(self) -> int:

@@ -19,9 +19,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from reasonembed.remixer.context import Context
-from reasonembed.remixer.generate import final_queries
-from reasonembed.remixer.ids import content_hash, stage_hash
-from reasonembed.remixer.stage import POOL_COLUMNS, Requires, read_input, read_pool
+from reasonembed.remixer.generate import QUERIES_REQUIRES, final_queries
+from reasonembed.remixer.ids import content_hash
+from reasonembed.remixer.stage import POOL_COLUMNS, Requires, Stage, StageResult
 from reasonembed.schemas import SAMPLE_SCHEMA
 
 # What formatting requires of its inputs (``remixer.stage``; the queries': generate.QUERIES_REQUIRES).
@@ -31,11 +31,6 @@ FORMAT_REQUIRES: Requires = {
     "annotate": {"query_id": "the query's id", "doc_id": "the candidate's id", "score": "its relevance score"},
     "pool": POOL_COLUMNS,
 }
-
-
-def hash_format(ctx: Context, upstream: str) -> str:
-    return stage_hash("format", upstream, ctx.cfg.format,
-                      {d: [p.retrieval_instruction, p.train_group_size, p.batch_size] for d, p in ctx.profiles.items()})
 
 
 def build_sample(q: dict, candidates: list[str], scores: dict[str, int], texts: dict[str, str], ctx: Context,
@@ -62,39 +57,57 @@ def build_sample(q: dict, candidates: list[str], scores: dict[str, int], texts: 
     }
 
 
-def run(ctx: Context, h: str) -> dict:
-    stage = ctx.stage("format")
-    shards = sorted(ctx.stage("prepare").done_shards())
-    pending = [s for s in shards if s not in stage.done_shards()]
-    mine = read_input(ctx, "format", FORMAT_REQUIRES, "mine")
-    scored = read_input(ctx, "format", FORMAT_REQUIRES, "annotate", columns=["query_id", "doc_id", "score"])
-    scores: dict[str, dict[str, int]] = defaultdict(dict)
-    for qid, did, s in zip(*(scored[c].to_pylist() for c in ("query_id", "doc_id", "score")), strict=True):
-        scores[qid][did] = s
-    queries = {r["query_id"]: r for r in final_queries(ctx, "format").to_pylist()}
-    texts: dict[str, dict[str, str]] = {}
-    counts: Counter = Counter()
-    # Every shard is rebuilt (cheap) so the counts cover the whole stage; only pending shards are written.
-    for s in shards:
-        domain = s.rsplit("-", 1)[0]
-        if domain not in texts:
-            pt = read_pool(ctx, "format", FORMAT_REQUIRES, domain)
-            texts[domain] = dict(zip(pt["doc_id"].to_pylist(), pt["text"].to_pylist(), strict=True))
-        rows = []
-        part = mine.filter(pc.equal(mine["shard"], s)) if mine.num_rows else mine
-        for r in part.select(["query_id", "candidate_ids"]).to_pylist():
-            sample = build_sample(queries[r["query_id"]], r["candidate_ids"], scores.get(r["query_id"], {}),
-                                  texts[domain], ctx, counts)
-            if sample is not None:
-                rows.append(sample)
-        rows.sort(key=lambda x: x["sample_id"])
-        if s in pending:
-            stage.write_part(pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA), s)
-    out = stage.read_parts()
+class FormatStage(Stage):
+    """Stage 4: scored candidates -> training samples (module docstring)."""
+
+    name = "format"
+    upstream = ("pool", "mine", "annotate", "generate", "reason")
+    requires = {**QUERIES_REQUIRES, **FORMAT_REQUIRES}
+
+    def settings(self, ctx: Context) -> list:
+        return [ctx.cfg.format, {d: [p.retrieval_instruction, p.train_group_size, p.batch_size]
+                                 for d, p in ctx.profiles.items()}]
+
+    def run(self, ctx: Context) -> StageResult:
+        stage = ctx.stage(self.name)
+        shards = sorted(ctx.stage("prepare").done_shards())
+        pending = [s for s in shards if s not in stage.done_shards()]
+        mine = self.read_input(ctx, "mine")
+        scored = self.read_input(ctx, "annotate", columns=["query_id", "doc_id", "score"])
+        scores: dict[str, dict[str, int]] = defaultdict(dict)
+        for qid, did, s in zip(*(scored[c].to_pylist() for c in ("query_id", "doc_id", "score")), strict=True):
+            scores[qid][did] = s
+        queries = {r["query_id"]: r for r in final_queries(ctx, self.name).to_pylist()}
+        texts: dict[str, dict[str, str]] = {}
+        counts: Counter = Counter()
+        # Every shard is rebuilt (cheap) so the counts cover the whole stage; only pending shards are written.
+        for s in shards:
+            domain = s.rsplit("-", 1)[0]
+            if domain not in texts:
+                pt = self.read_pool(ctx, domain)
+                texts[domain] = dict(zip(pt["doc_id"].to_pylist(), pt["text"].to_pylist(), strict=True))
+            rows = []
+            part = mine.filter(pc.equal(mine["shard"], s)) if mine.num_rows else mine
+            for r in part.select(["query_id", "candidate_ids"]).to_pylist():
+                sample = build_sample(queries[r["query_id"]], r["candidate_ids"], scores.get(r["query_id"], {}),
+                                      texts[domain], ctx, counts)
+                if sample is not None:
+                    rows.append(sample)
+            rows.sort(key=lambda x: x["sample_id"])
+            if s in pending:
+                stage.write_part(pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA), s)
+        return _result(mine.num_rows, counts, stage.read_parts())
+
+
+FORMAT = FormatStage()
+
+
+def _result(rows_in: int, counts: Counter, out: pa.Table) -> StageResult:
+    """The stage's result: its counts plus positives/negatives per query and samples per domain of ``out``."""
     n_pos = pc.list_value_length(out["pos_ids"]).to_pylist() if out.num_rows else []
     n_neg = pc.list_value_length(out["neg_ids"]).to_pylist() if out.num_rows else []
-    return {"rows_in": mine.num_rows, "rows_out": out.num_rows, "rows_error": 0,
-            "extra": {**dict(counts),
-                      "mean_pos_per_query": round(sum(n_pos) / len(n_pos), 3) if n_pos else 0.0,
-                      "mean_neg_per_query": round(sum(n_neg) / len(n_neg), 3) if n_neg else 0.0,
-                      "samples_by_domain": dict(Counter(out["domain"].to_pylist())) if out.num_rows else {}}}
+    return StageResult(rows_in=rows_in, rows_out=out.num_rows, extra={
+        **dict(counts),
+        "mean_pos_per_query": round(sum(n_pos) / len(n_pos), 3) if n_pos else 0.0,
+        "mean_neg_per_query": round(sum(n_neg) / len(n_neg), 3) if n_neg else 0.0,
+        "samples_by_domain": dict(Counter(out["domain"].to_pylist())) if out.num_rows else {}})

@@ -15,18 +15,17 @@ is unpublished) and the generator LLM. A query whose q' fails is an error row an
 
 from __future__ import annotations
 
-from collections import Counter
-
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from reasonembed.config.llm import LLMEngineConfig
+from reasonembed.input_fingerprint import model_input
 from reasonembed.remixer.context import Context
-from reasonembed.remixer.ids import content_hash, row_rng, stage_hash, weighted_pick
-from reasonembed.remixer.llm_stage import LLMStageStats, LLMTask, parse_failures, run_llm_shards
+from reasonembed.remixer.ids import content_hash, row_rng, weighted_pick
+from reasonembed.remixer.llm_stage import LLMTask, llm_result, run_llm_shards
 from reasonembed.remixer.parsing import parse_query
 from reasonembed.remixer.prompts import DomainProfile, generation_prompt, reasoning_prompt
-from reasonembed.remixer.stage import Requires, read_input
+from reasonembed.remixer.stage import Requires, Stage, StageResult, read_input
 from reasonembed.schemas import error_schema, error_table
 
 QUERY_SCHEMA = pa.schema([
@@ -60,21 +59,9 @@ QUERIES_REQUIRES: Requires = {"generate": QUERY_COLUMNS, "reason": {
 }}
 
 
-def hash_generate(ctx: Context, upstream: str) -> str:
-    c = ctx.cfg
-    return stage_hash("generate", upstream, c.generate, engine_identity(c.generator), c.seed,
-                      {d: [p.generation_instruction, p.output_name] for d, p in ctx.profiles.items()})
-
-
 def reason_engine(ctx: Context) -> LLMEngineConfig:
     s = ctx.cfg.reasoning.sampling
     return ctx.cfg.generator if s is None else ctx.cfg.generator.model_copy(update={"sampling": s})
-
-
-def hash_reason(ctx: Context, upstream: str) -> str:
-    c = ctx.cfg
-    return stage_hash("reason", upstream, c.reasoning, engine_identity(reason_engine(ctx)),
-                      {d: [p.query_type, p.label] for d, p in ctx.profiles.items()})
 
 
 def engine_identity(engine: LLMEngineConfig) -> dict:
@@ -168,28 +155,45 @@ def _post_generate(shard: str, out: pa.Table, labels: dict[str, tuple[str, ...]]
     return _parsed_rows(out, "gen_id", "nothing left after cleaning", row, QUERY_SCHEMA, labels)
 
 
-def run_generate(ctx: Context, h: str) -> tuple[dict, LLMStageStats]:
-    stage = ctx.stage("generate")
-    sources = read_input(ctx, "generate", GENERATE_REQUIRES, "prepare")
-    shards = sorted(ctx.stage("prepare").done_shards())
-    requests = generation_requests(ctx, sources) if sources.num_rows else None
-    if requests is None:
-        raise RuntimeError("generate: the prepare stage sampled no source documents (see its manifest)")
-    task = LLMTask(ctx.cfg.generator,
-                   GenerationMessages(ctx.profiles, ctx.cfg.generate.language, ctx.cfg.generate.prompt),
-                   QueryParser(ctx.profiles, _post_generate), id_column="gen_id",
-                   keep_columns=["domain", "source_doc_id", "shard", "length", "education"],
-                   part_id="gen_id", error_id="row_id")
-    stats = run_llm_shards(stage, requests, shards, task, batch_invariant=ctx.cfg.batch_invariant,
-                           engines=ctx.engines, retry_errors=ctx.cfg.retry_errors)
-    out, errors = stage.read_parts(), stage.read_errors()
-    _, dups = unique_queries(out)
-    fields = {"rows_in": requests.num_rows, "rows_out": out.num_rows, "rows_error": errors.num_rows,
-              "errors_by_reason": _reasons(errors),
-              "extra": {**stats.as_dict(), **parse_failures(errors, out.num_rows), "duplicate_queries": dups,
-                        "generated_tokens_total": _sum(out, "num_generated_tokens"),
-                        "truncated": _sum(out, "truncated")}}
-    return fields, stats
+def _sums(out: pa.Table) -> dict:
+    return {"generated_tokens_total": _sum(out, "num_generated_tokens"), "truncated": _sum(out, "truncated")}
+
+
+class GenerateStage(Stage):
+    """Stage 1: conditioned query generation (module docstring)."""
+
+    name = "generate"
+    upstream = ("prepare",)
+    requires = GENERATE_REQUIRES
+    retryable = True
+
+    def settings(self, ctx: Context) -> list:
+        c = ctx.cfg
+        return [c.generate, engine_identity(c.generator), c.seed,
+                {d: [p.generation_instruction, p.output_name] for d, p in ctx.profiles.items()}]
+
+    def own_inputs(self, ctx: Context) -> dict[str, str]:
+        return model_input(ctx.cfg.generator.model)
+
+    def run(self, ctx: Context) -> StageResult:
+        sources = self.read_input(ctx, "prepare")
+        if sources.num_rows == 0:
+            raise RuntimeError("generate: the prepare stage sampled no source documents (see its manifest)")
+        requests = generation_requests(ctx, sources)
+        task = LLMTask(ctx.cfg.generator,
+                       GenerationMessages(ctx.profiles, ctx.cfg.generate.language, ctx.cfg.generate.prompt),
+                       QueryParser(ctx.profiles, _post_generate), id_column="gen_id",
+                       keep_columns=["domain", "source_doc_id", "shard", "length", "education"],
+                       part_id="gen_id", error_id="row_id")
+        stage = ctx.stage(self.name)
+        stats = run_llm_shards(stage, requests, sorted(ctx.stage("prepare").done_shards()), task,
+                               batch_invariant=ctx.cfg.batch_invariant, engines=ctx.engines,
+                               retry_errors=ctx.cfg.retry_errors)
+        return llm_result(stage, requests.num_rows, stats,
+                          lambda out: {"duplicate_queries": unique_queries(out)[1], **_sums(out)})
+
+
+GENERATE = GenerateStage()
 
 
 def unique_queries(queries: pa.Table) -> tuple[pa.Table, int]:
@@ -210,23 +214,38 @@ def _post_reason(shard: str, out: pa.Table, labels: dict[str, tuple[str, ...]]):
     return _parsed_rows(out, "query_id", "empty reasoning query", row, REASON_SCHEMA, labels)
 
 
-def run_reason(ctx: Context, h: str) -> tuple[dict, LLMStageStats]:
-    stage = ctx.stage("reason")
-    queries, _ = unique_queries(read_input(ctx, "reason", REASON_REQUIRES, "generate"))
-    shards = sorted(ctx.stage("prepare").done_shards())
-    rows = queries.select(["query_id", "domain", "source_doc_id", "shard", "query"])
-    task = LLMTask(reason_engine(ctx), ReasoningMessages(ctx.profiles, ctx.cfg.reasoning.prompt),
-                   QueryParser(ctx.profiles, _post_reason), id_column="query_id",
-                   keep_columns=["domain", "source_doc_id", "shard"], part_id="query_id", error_id="row_id")
-    stats = run_llm_shards(stage, rows, shards, task, batch_invariant=ctx.cfg.batch_invariant,
-                           engines=ctx.engines, retry_errors=ctx.cfg.retry_errors)
-    out, errors = stage.read_parts(), stage.read_errors()
-    fields = {"rows_in": rows.num_rows, "rows_out": out.num_rows, "rows_error": errors.num_rows,
-              "errors_by_reason": _reasons(errors),
-              "extra": {**stats.as_dict(), **parse_failures(errors, out.num_rows),
-                        "generated_tokens_total": _sum(out, "num_generated_tokens"),
-                        "truncated": _sum(out, "truncated")}}
-    return fields, stats
+class ReasonStage(Stage):
+    """The reasoning query q' of every unique query (module docstring); runs when ``reasoning.enabled``."""
+
+    name = "reason"
+    upstream = ("generate",)
+    requires = REASON_REQUIRES
+    retryable = True
+
+    def enabled(self, ctx: Context) -> bool:
+        return ctx.cfg.reasoning.enabled
+
+    def settings(self, ctx: Context) -> list:
+        return [ctx.cfg.reasoning, engine_identity(reason_engine(ctx)),
+                {d: [p.query_type, p.label] for d, p in ctx.profiles.items()}]
+
+    def own_inputs(self, ctx: Context) -> dict[str, str]:
+        return model_input(reason_engine(ctx).model)
+
+    def run(self, ctx: Context) -> StageResult:
+        queries, _ = unique_queries(self.read_input(ctx, "generate"))
+        rows = queries.select(["query_id", "domain", "source_doc_id", "shard", "query"])
+        task = LLMTask(reason_engine(ctx), ReasoningMessages(ctx.profiles, ctx.cfg.reasoning.prompt),
+                       QueryParser(ctx.profiles, _post_reason), id_column="query_id",
+                       keep_columns=["domain", "source_doc_id", "shard"], part_id="query_id", error_id="row_id")
+        stage = ctx.stage(self.name)
+        stats = run_llm_shards(stage, rows, sorted(ctx.stage("prepare").done_shards()), task,
+                               batch_invariant=ctx.cfg.batch_invariant, engines=ctx.engines,
+                               retry_errors=ctx.cfg.retry_errors)
+        return llm_result(stage, rows.num_rows, stats, _sums)
+
+
+REASON = ReasonStage()
 
 
 def final_queries(ctx: Context, stage: str) -> pa.Table:
@@ -239,10 +258,6 @@ def final_queries(ctx: Context, stage: str) -> pa.Table:
     if reason.num_rows == 0:
         return queries.append_column("reasoning_query", pa.array([], pa.string())).slice(0, 0)
     return queries.join(reason, "query_id", join_type="inner").sort_by("query_id")
-
-
-def _reasons(errors: pa.Table) -> dict[str, int]:
-    return dict(Counter(errors["reason"].to_pylist())) if errors.num_rows else {}
 
 
 def _sum(t: pa.Table, col: str) -> int:

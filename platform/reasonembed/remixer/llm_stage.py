@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import posixpath
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +40,7 @@ import pyarrow.compute as pc
 from reasonembed import progress
 from reasonembed.config.llm import LLMEngineConfig
 from reasonembed.llm.engine_pool import EnginePool
+from reasonembed.remixer.stage import StageResult
 from reasonembed.repeats import CONFLICTING_ID, content_key, split_repeats
 from reasonembed.storage import StageDir
 
@@ -293,6 +294,17 @@ def parse_failures(errors: pa.Table, rows_out: int) -> dict:
     n = sum(1 for r in (errors["reason"].to_pylist() if errors.num_rows else []) if r not in not_parse)
     answered = rows_out + n
     return {"parse_failures": n, "parse_failure_rate": round(n / answered, 4) if answered else 0.0}
+
+
+def llm_result(stage: StageDir, rows_in: int, stats: LLMStageStats,
+               extra_of: Callable[[pa.Table], dict]) -> StageResult:
+    """The result of an LLM stage from its committed parts and error rows: counts, errors by reason, the run's
+    stats and parse failures plus ``extra_of(parts)``, and the shards a retry changed (its lineage)."""
+    out, errors = stage.read_parts(), stage.read_errors()
+    reasons = dict(Counter(errors["reason"].to_pylist())) if errors.num_rows else {}
+    return StageResult(rows_in=rows_in, rows_out=out.num_rows, rows_error=errors.num_rows, errors_by_reason=reasons,
+                       extra={**stats.as_dict(), **parse_failures(errors, out.num_rows), **extra_of(out)},
+                       shards_changed=list(stats.shards_changed))
 
 
 def model_record(engine: LLMEngineConfig) -> dict:

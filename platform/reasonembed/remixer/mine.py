@@ -31,10 +31,11 @@ import pyarrow.compute as pc
 
 from reasonembed.config.encode import CorpusSource, EncodeJobConfig, IndexConfig
 from reasonembed.config.synthesize import MineConfig
+from reasonembed.input_fingerprint import model_input
 from reasonembed.remixer.context import Context
-from reasonembed.remixer.generate import final_queries
-from reasonembed.remixer.ids import row_rng, stage_hash
-from reasonembed.remixer.stage import POOL_COLUMNS, Requires, read_pool
+from reasonembed.remixer.generate import QUERIES_REQUIRES, final_queries
+from reasonembed.remixer.ids import row_rng
+from reasonembed.remixer.stage import POOL_COLUMNS, Stage, StageResult
 
 log = logging.getLogger(__name__)
 
@@ -43,18 +44,6 @@ MINE_SCHEMA = pa.schema([
     ("candidate_ids", pa.list_(pa.string())), ("candidate_scores", pa.list_(pa.float32())),
     ("n_retrieved", pa.int32()), ("n_padded", pa.int32()),
 ])
-
-
-# What mining requires of the pool (the queries' columns: generate.QUERIES_REQUIRES).
-MINE_REQUIRES: Requires = {"pool": POOL_COLUMNS}
-
-
-def hash_mine(ctx: Context, upstream: str) -> str:
-    m = ctx.cfg.mine
-    emb = m.embedder.model_dump(exclude={"device", "num_threads", "token_budget", "max_batch_size", "dtype"})
-    return stage_hash("mine", upstream, emb, m.model_dump(exclude={"embedder", "engine"}),
-                      m.engine.rows_per_shard, ctx.cfg.seed,
-                      {d: p.retrieval_instruction for d, p in ctx.profiles.items()})
 
 
 def _encode(ctx: Context, name: str, source_tag: str, ids: list[str], texts: list[str]):
@@ -132,64 +121,99 @@ def select_candidates(
     return ids, scores, len(ids) - n_top
 
 
-def run(ctx: Context, h: str) -> dict:
-    from reasonembed.index.faiss_index import SearchIndex
+class MineStage(Stage):
+    """Stage 2: candidate mining (module docstring)."""
 
-    cfg, m = ctx.cfg, ctx.cfg.mine
-    stage = ctx.stage("mine")
-    shards = sorted(ctx.stage("prepare").done_shards())
-    queries = final_queries(ctx, "mine")
-    done = stage.done_shards()
-    pending = [s for s in shards if s not in done]
-    pool = ctx.stage("pool")
-    encode_stats: dict = {}
-    n_queries = 0
-    for domain in cfg.data.domains:
-        dom_shards = [s for s in pending if s.rsplit("-", 1)[0] == domain]
-        if not dom_shards:
-            continue
-        pool_t = read_pool(ctx, "mine", MINE_REQUIRES, domain)
+    name = "mine"
+    upstream = ("pool", "generate", "reason")
+    requires = {**QUERIES_REQUIRES, "pool": POOL_COLUMNS}
+
+    def settings(self, ctx: Context) -> list:
+        m = ctx.cfg.mine
+        emb = m.embedder.model_dump(exclude={"device", "num_threads", "token_budget", "max_batch_size", "dtype"})
+        return [emb, m.model_dump(exclude={"embedder", "engine"}), m.engine.rows_per_shard, ctx.cfg.seed,
+                {d: p.retrieval_instruction for d, p in ctx.profiles.items()}]
+
+    def own_inputs(self, ctx: Context) -> dict[str, str]:
+        return model_input(ctx.cfg.mine.embedder.model)
+
+    def run(self, ctx: Context) -> StageResult:
+        cfg = ctx.cfg
+        stage = ctx.stage(self.name)
+        queries = final_queries(ctx, self.name)
+        done = stage.done_shards()
+        pending = [s for s in sorted(ctx.stage("prepare").done_shards()) if s not in done]
+        encode_stats: dict = {}
+        n_queries = 0
+        for domain in cfg.data.domains:
+            dom_shards = [s for s in pending if s.rsplit("-", 1)[0] == domain]
+            if dom_shards:
+                q = queries.filter(pc.equal(queries["domain"], domain))
+                encode_stats.update(self._mine_domain(ctx, domain, q, dom_shards))
+                n_queries += q.num_rows
+        out = stage.read_parts()
+        n_cand = int(pc.sum(pc.list_value_length(out["candidate_ids"])).as_py() or 0) if out.num_rows else 0
+        n_pad = int(pc.sum(out["n_padded"]).as_py() or 0) if out.num_rows else 0
+        pool = ctx.stage("pool")
+        return StageResult(rows_in=queries.num_rows, rows_out=out.num_rows, extra={
+            "candidates": n_cand, "padded": n_pad, "queries_mined_this_run": n_queries,
+            "source_in_candidates": source_in_candidates(out), "encode": encode_stats,
+            "pool_sizes": {d: len(pool.read_table(pool.part_name(d))) for d in cfg.data.domains}})
+
+    def _mine_domain(self, ctx: Context, domain: str, q: pa.Table, dom_shards: list[str]) -> dict:
+        """Mine the pending shards ``dom_shards`` of one domain from its queries ``q``; returns its encode stats
+        (``{domain: ...}``, empty when nothing was encoded)."""
+        from reasonembed.index.faiss_index import IndexSpec, SearchIndex
+
+        m = ctx.cfg.mine
+        pool = ctx.stage("pool")
+        pool_t = self.read_pool(ctx, domain)
         pool_ids = pool_t["doc_id"].to_pylist()
-        # Encode every query of the domain (not only the pending shards'): the encode stage's rows must not
-        # depend on where an earlier run stopped.
-        q = queries.filter(pc.equal(queries["domain"], domain))
+        stats: dict = {}
+        # Encode every query of the domain (not only the pending shards'): the encode stage's rows must not depend
+        # on where an earlier run stopped.
         if q.num_rows and len(pool_ids):
             # Encode stages are keyed by what they encode (pool: prepare's hash and the pool's output; queries:
             # their stages' hashes and outputs) plus the embedder, so changing e.g. mine.keep reuses the embeddings
             # while a redone or retried upstream (new rows, same config) re-encodes.
             pool_tag = f"{ctx.hashes['prepare']}:{pool.output_fingerprint()}"
-            _, s1 = _encode(ctx, f"mine_pool/{domain}", pool_tag, pool_ids, pool_t["text"].to_pylist())
+            pool_emb, s1 = _encode(ctx, f"mine_pool/{domain}", pool_tag, pool_ids, pool_t["text"].to_pylist())
             instr = m.embedder.query_instruction or ctx.profiles[domain].retrieval_instruction
             texts = [format_query(m.embedder.query_format, instr, x) for x in q["query"].to_pylist()]
             q_tag = ":".join([ctx.hashes.get("reason") or ctx.hashes["generate"], *_query_outputs(ctx)])
             q_emb, s2 = _encode(ctx, f"mine_queries/{domain}", f"{q_tag}:{instr}", q["query_id"].to_pylist(), texts)
-            encode_stats[domain] = {"pool": _summary(s1), "queries": _summary(s2)}
-            # The encode job's own FAISS index over the pool (exact inner product, IndexFlatIP).
-            index = SearchIndex.load(s1.index_uri, cfg.storage)
+            stats[domain] = {"pool": _summary(s1), "queries": _summary(s2)}
+            # An exact inner-product FAISS index (IndexFlatIP) over the pool's embeddings, built here: the encode
+            # stages keep embeddings only (no index, so s1.index_uri is None).
+            index = SearchIndex.build(pool_emb, pool_ids, IndexSpec(kind="flat"))
             # One extra hit, so that skip_source still has search_top_k after removing the source.
             hits = index.search(q_emb, min(m.search_top_k + 1, len(pool_ids)), excluded=None)
         else:
             hits = [[] for _ in range(q.num_rows)]
-        rows_by_shard: dict[str, list[dict]] = {s: [] for s in dom_shards}
-        for r, hs in zip(q.to_pylist(), hits, strict=True):
-            if r["shard"] not in rows_by_shard:
-                continue
-            ids, scores, n_pad = select_candidates(hs, r["source_doc_id"], pool_ids, m, cfg.seed, r["query_id"])
-            rows_by_shard[r["shard"]].append({
-                "query_id": r["query_id"], "domain": domain, "shard": r["shard"],
-                "source_doc_id": r["source_doc_id"], "candidate_ids": ids, "candidate_scores": scores,
-                "n_retrieved": len(ids) - n_pad, "n_padded": n_pad})
-        for s in dom_shards:
-            rows = sorted(rows_by_shard[s], key=lambda x: x["query_id"])
-            stage.write_part(pa.Table.from_pylist(rows, schema=MINE_SCHEMA), s)
-        n_queries += q.num_rows
-    out = stage.read_parts()
-    n_cand = int(pc.sum(pc.list_value_length(out["candidate_ids"])).as_py() or 0) if out.num_rows else 0
-    n_pad = int(pc.sum(out["n_padded"]).as_py() or 0) if out.num_rows else 0
-    return {"rows_in": queries.num_rows, "rows_out": out.num_rows, "rows_error": 0,
-            "extra": {"candidates": n_cand, "padded": n_pad, "queries_mined_this_run": n_queries,
-                      "source_in_candidates": source_in_candidates(out), "encode": encode_stats,
-                      "pool_sizes": {d: len(pool.read_table(pool.part_name(d))) for d in cfg.data.domains}}}
+        _write_candidates(ctx, domain, q, hits, pool_ids, dom_shards)
+        return stats
+
+
+MINE = MineStage()
+
+
+def _write_candidates(ctx: Context, domain: str, q: pa.Table, hits: list, pool_ids: list[str],
+                      dom_shards: list[str]) -> None:
+    """Select each query's candidates from its hits and write one part per pending shard of the domain."""
+    cfg = ctx.cfg
+    rows_by_shard: dict[str, list[dict]] = {s: [] for s in dom_shards}
+    for r, hs in zip(q.to_pylist(), hits, strict=True):
+        if r["shard"] not in rows_by_shard:
+            continue
+        ids, scores, n_pad = select_candidates(hs, r["source_doc_id"], pool_ids, cfg.mine, cfg.seed, r["query_id"])
+        rows_by_shard[r["shard"]].append({
+            "query_id": r["query_id"], "domain": domain, "shard": r["shard"],
+            "source_doc_id": r["source_doc_id"], "candidate_ids": ids, "candidate_scores": scores,
+            "n_retrieved": len(ids) - n_pad, "n_padded": n_pad})
+    stage = ctx.stage("mine")
+    for s in dom_shards:
+        rows = sorted(rows_by_shard[s], key=lambda x: x["query_id"])
+        stage.write_part(pa.Table.from_pylist(rows, schema=MINE_SCHEMA), s)
 
 
 def _query_outputs(ctx: Context) -> list[str]:

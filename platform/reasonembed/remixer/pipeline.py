@@ -5,9 +5,10 @@ jobs/synthesize.py.
     (driver)   vLLM actors  vLLM actors    encoder actors    vLLM actors  (driver)
                                            + FAISS (driver)
 
-Each stage is reused when its manifest matches its hash (``remixer.context``) *and* its inputs (:func:`stage_inputs`:
-the corpus and benchmark files for prepare, the model of an LLM stage or of the miner, and the output fingerprint of
-every upstream stage it reads) are unchanged; a stage whose inputs changed is refused with the list of changes
+Each stage (``remixer.stage``: a name, a fingerprint, a run) is reused when its manifest matches its fingerprint:
+its config hash (``remixer.context``) *and* its inputs (``Stage.inputs``: the corpus and benchmark files for
+prepare, the model of an LLM stage or of the miner, and the output fingerprint of every upstream stage it reads) are
+unchanged; a stage whose inputs changed is refused with the list of changes
 (``overwrite`` redoes it, and then every stage downstream, whose upstream fingerprint changed with it). Otherwise a
 stage resumes by shard. Killing the driver (or an actor) at any point and re-running yields exactly the rows of an
 uninterrupted run: stage inputs are finished upstream stages, ids are content hashes, shards are committed
@@ -26,50 +27,26 @@ from __future__ import annotations
 import logging
 import posixpath
 import time
-from collections.abc import Callable
 from typing import Any
 
 from reasonembed.config.synthesize import SynthesizeJobConfig
-from reasonembed.input_fingerprint import model_input
 from reasonembed.llm.engine_pool import EnginePool
-from reasonembed.remixer import annotate, generate, mine, prepare, report
-from reasonembed.remixer import format as format_stage
+from reasonembed.remixer import report
+from reasonembed.remixer.annotate import ANNOTATE
 from reasonembed.remixer.context import Context
-from reasonembed.remixer.llm_stage import LLMStageStats, clear_retries
+from reasonembed.remixer.format import FORMAT
+from reasonembed.remixer.generate import GENERATE, REASON
+from reasonembed.remixer.llm_stage import clear_retries
+from reasonembed.remixer.mine import MINE
+from reasonembed.remixer.prepare import PREPARE
+from reasonembed.remixer.stage import Fingerprint, Stage
 from reasonembed.storage import STAGE_MARKER, StageDir
 
 log = logging.getLogger("reasonembed.remixer")
 
-# LLM stages whose error rows retry_errors re-sends.
-RETRYABLE = ("generate", "reason", "annotate")
-# The finished stages each stage reads; their output fingerprints are among its inputs.
-UPSTREAM: dict[str, tuple[str, ...]] = {
-    "prepare": (),
-    "generate": ("prepare",),
-    "reason": ("generate",),
-    "mine": ("pool", "generate", "reason"),
-    "annotate": ("pool", "mine", "generate", "reason"),
-    "format": ("pool", "mine", "annotate", "generate", "reason"),
-}
-
-
-def stage_inputs(ctx: Context, name: str) -> dict[str, str]:
-    """Fingerprints of what stage ``name`` reads (``reasonembed.input_fingerprint``): its own files or model, plus
-    ``upstream:<stage>`` -> that stage's output fingerprint, which changes whenever the upstream stage is redone."""
-    cfg = ctx.cfg
-    own: dict[str, Callable[[], dict[str, str]]] = {
-        "prepare": lambda: prepare.inputs_of(ctx),
-        "generate": lambda: model_input(cfg.generator.model),
-        "reason": lambda: model_input(generate.reason_engine(ctx).model),
-        "mine": lambda: model_input(cfg.mine.embedder.model),
-        "annotate": lambda: model_input(cfg.annotator.model),
-        "format": dict,
-    }
-    out = own[name]()
-    for up in UPSTREAM[name]:
-        if up != "reason" or cfg.reasoning.enabled:
-            out[f"upstream:{up}"] = ctx.stage(up).output_fingerprint()
-    return out
+# The stages in pipeline order, ``remixer.context.STAGES`` (``remixer.stage``: each has a name, a fingerprint and a
+# run; the loop below is all the pipeline knows of them).
+STAGES: tuple[Stage, ...] = (PREPARE, GENERATE, REASON, MINE, ANNOTATE, FORMAT)
 
 
 def _recorded_inputs(stage: StageDir, h: str) -> dict[str, str] | None:
@@ -139,56 +116,69 @@ def _start_retry(stage: StageDir) -> dict:
     return redo
 
 
-def _prepare_stage(ctx: Context, name: str, h: str, inputs: dict[str, str]) -> tuple[bool, dict | None]:
+def _prepare_stage(ctx: Context, stage: Stage, fp: Fingerprint) -> tuple[bool, dict | None]:
     """(skip, redo record) for a stage: reuse it, redo some shards, retry its error rows, or (re)run it."""
-    stage = ctx.stage(name)
-    redo = _redo_plan(ctx, stage, h, inputs)
+    folder = ctx.stage(stage.name)
+    redo = _redo_plan(ctx, folder, fp.config, fp.inputs)
     if redo is not None:
         if redo["shards"]:
-            log.info("synthesize/%s: upstream rows changed in shards %s: redoing them", name, redo["shards"])
+            log.info("synthesize/%s: upstream rows changed in shards %s: redoing them", stage.name, redo["shards"])
         else:
-            log.info("synthesize/%s: upstream re-recorded without changed rows: refreshing the manifest", name)
-        _start_redo(stage, redo)
+            log.info("synthesize/%s: upstream re-recorded without changed rows: refreshing the manifest", stage.name)
+        _start_redo(folder, redo)
         return False, redo
-    if stage.is_done(h, inputs, overwrite=ctx.cfg.overwrite):
-        if ctx.cfg.retry_errors and name in RETRYABLE and stage.list("errors", ".parquet"):
-            log.info("synthesize/%s: complete; retrying its error rows (retry_errors)", name)
-            return False, _start_retry(stage)
+    if folder.is_done(fp.config, fp.inputs, overwrite=ctx.cfg.overwrite):
+        if ctx.cfg.retry_errors and stage.retryable and folder.list("errors", ".parquet"):
+            log.info("synthesize/%s: complete; retrying its error rows (retry_errors)", stage.name)
+            return False, _start_retry(folder)
         return True, None
-    m = stage.read_manifest()  # a redo or retry of this config killed midway: resume it
-    if m is not None and m.status == "partial" and m.config_hash == h and "redo" in m.extra:
+    m = folder.read_manifest()  # a redo or retry of this config killed midway: resume it
+    if m is not None and m.status == "partial" and m.config_hash == fp.config and "redo" in m.extra:
         return False, m.extra["redo"]
     return False, None
 
 
-def _run_stage(ctx: Context, name: str, h: str, fn: Callable[[], Any]) -> dict[str, Any]:
-    """Skip a finished stage, else begin (or resume, redo shards of, retry errors of) it, run it and write its
-    manifest."""
-    stage = ctx.stage(name)
-    inputs = stage_inputs(ctx, name)
-    skip, redo = _prepare_stage(ctx, name, h, inputs)
+def _run_stage(ctx: Context, stage: Stage) -> dict[str, Any]:
+    """Fingerprint a stage; skip it when finished, else begin (or resume, redo shards of, retry errors of) it, run
+    it and write its manifest from its result."""
+    fp = stage.fingerprint(ctx)
+    ctx.hashes[stage.name] = fp.config  # the next stage's hash chains this one
+    skip, redo = _prepare_stage(ctx, stage, fp)
     if skip:
-        log.info("synthesize/%s: complete with this config and inputs, skipped", name)
+        log.info("synthesize/%s: complete with this config and inputs, skipped", stage.name)
         return {"skipped": True}
-    stage.begin(h, overwrite=ctx.cfg.overwrite, inputs=inputs)
+    folder = ctx.stage(stage.name)
+    folder.begin(fp.config, overwrite=ctx.cfg.overwrite, inputs=fp.inputs)
     t0 = time.time()
-    out = fn()
-    fields, stats = (out[0], out[1]) if isinstance(out, tuple) else (out, None)
-    fields["extra"] = {**fields.get("extra", {}), "lineage": _lineage(redo, stats)}
-    m = stage.write_manifest(config_hash=h, **fields)
-    clear_retries(stage)  # recorded in the manifest now
-    log.info("synthesize/%s: %d in -> %d out, %d errors %s (%.1f s)", name, m.rows_in, m.rows_out, m.rows_error,
-             m.errors_by_reason or "", time.time() - t0)
+    result = stage.run(ctx)
+    fields = result.manifest_fields()
+    fields["extra"]["lineage"] = _lineage(redo, result.shards_changed)
+    m = folder.write_manifest(config_hash=fp.config, **fields)
+    clear_retries(folder)  # recorded in the manifest now
+    log.info("synthesize/%s: %d in -> %d out, %d errors %s (%.1f s)", stage.name, m.rows_in, m.rows_out,
+             m.rows_error, m.errors_by_reason or "", time.time() - t0)
     return {"skipped": False, "redone_shards": redo["shards"] if redo else None}
 
 
-def _lineage(redo: dict | None, stats: LLMStageStats | None) -> list[dict]:
+def _lineage(redo: dict | None, shards_changed: list[str]) -> list[dict]:
     """The stage's lineage: the previous one plus, after a redo or retry, the shards whose rows changed since the
     output fingerprint it replaced."""
     if redo is None or redo["from"] is None:
         return []
-    shards = set(redo["shards"]) | set(stats.shards_changed if stats is not None else [])
-    return [*redo["lineage"], {"from": redo["from"], "shards": sorted(shards)}]
+    return [*redo["lineage"], {"from": redo["from"], "shards": sorted(set(redo["shards"]) | set(shards_changed))}]
+
+
+def _run_stages(ctx: Context) -> dict[str, dict]:
+    """Every enabled stage in order, up to ``stop_after``; returns what happened to each."""
+    ran: dict[str, dict] = {}
+    for stage in STAGES:
+        if not stage.enabled(ctx):
+            continue
+        ran[stage.name] = _run_stage(ctx, stage)
+        if stage.name == ctx.cfg.stop_after:
+            log.info("synthesize: stop_after=%s reached", stage.name)
+            break
+    return ran
 
 
 def run(cfg: SynthesizeJobConfig) -> dict[str, Any]:
@@ -199,27 +189,9 @@ def run(cfg: SynthesizeJobConfig) -> dict[str, Any]:
     t0 = time.time()
     ctx = Context.open(cfg)
     connect_ray(cfg.ray)
-    h = ctx.hashes
-    plan = [
-        ("prepare", lambda up: prepare.hash_of(ctx), prepare.run),
-        ("generate", lambda up: generate.hash_generate(ctx, up), generate.run_generate),
-        ("reason", lambda up: generate.hash_reason(ctx, up), generate.run_reason),
-        ("mine", lambda up: mine.hash_mine(ctx, up), mine.run),
-        ("annotate", lambda up: annotate.hash_annotate(ctx, up), annotate.run),
-        ("format", lambda up: format_stage.hash_format(ctx, up), format_stage.run),
-    ]
-    ran: dict[str, dict] = {}
-    upstream = ""
     ctx.engines = EnginePool() if cfg.share_engines else None
     try:
-        for name, hash_fn, run_fn in plan:
-            if name == "reason" and not cfg.reasoning.enabled:
-                continue
-            h[name] = upstream = hash_fn(upstream)
-            ran[name] = _run_stage(ctx, name, upstream, lambda fn=run_fn, hh=upstream: fn(ctx, hh))
-            if name == cfg.stop_after:
-                log.info("synthesize: stop_after=%s reached", name)
-                break
+        ran = _run_stages(ctx)
     finally:
         engines = ctx.engines.summary() if ctx.engines is not None else []
         if ctx.engines is not None:
@@ -227,7 +199,7 @@ def run(cfg: SynthesizeJobConfig) -> dict[str, Any]:
     summary = report.build(ctx)
     summary["skipped_stages"] = [k for k, v in ran.items() if v["skipped"]]
     summary["redone_shards"] = {k: v["redone_shards"] for k, v in ran.items() if v.get("redone_shards")}
-    summary["stage_hashes"] = dict(h)
+    summary["stage_hashes"] = dict(ctx.hashes)
     summary["engines"] = engines
     summary["wall_s"] = round(time.time() - t0, 2)
     summary = report.write(ctx, summary)

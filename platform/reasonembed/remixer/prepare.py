@@ -1,8 +1,9 @@
 """Stage 0, source preparation (the ReasonEmbed paper's ReMixer): read each domain corpus, drop gold documents of
 the benchmark's test queries (decontamination, by id and by text: a copy of a gold document under another id is gold
 too), drop exact duplicates, keep 200-5000 character documents, optionally ask the LLM whether each one belongs to
-the domain, and draw N sources per domain with a seeded sample. The stage's inputs (:func:`inputs_of`) are the
-fingerprints of the corpus and benchmark files it reads, so an edited corpus at the same path is refused, not reused.
+the domain, and draw N sources per domain with a seeded sample. The stage's inputs
+(:meth:`PrepareStage.own_inputs`) are the fingerprints of the corpus and benchmark files it reads, so an edited
+corpus at the same path is refused, not reused.
 
 Outputs:
 - ``synthesize/pool/part-<domain>.parquet``: the mining pool (whole domain corpus, deduplicated and, with
@@ -27,7 +28,7 @@ import pyarrow.compute as pc
 from reasonembed.config.llm import LLMEngineConfig, StructuredOutputConfig
 from reasonembed.input_fingerprint import files_fingerprint, model_input
 from reasonembed.remixer.context import Context
-from reasonembed.remixer.ids import row_rng, shard_name, stage_hash
+from reasonembed.remixer.ids import row_rng, shard_name
 from reasonembed.remixer.llm_stage import LLMTask, run_llm_shards
 from reasonembed.remixer.parsing import parse_yes_no
 from reasonembed.remixer.prompts import DomainProfile, domain_filter_prompt
@@ -38,6 +39,7 @@ from reasonembed.remixer.sources import (
     domain_files,
     read_domain,
 )
+from reasonembed.remixer.stage import Stage, StageResult
 from reasonembed.schemas import error_schema, error_table
 from reasonembed.storage import StageDir
 
@@ -57,27 +59,6 @@ def filter_engine(ctx: Context) -> LLMEngineConfig:
     if f.guided:
         update["structured_output"] = StructuredOutputConfig(choice=["Yes", "No"])
     return ctx.cfg.generator.model_copy(update=update)
-
-
-def hash_of(ctx: Context) -> str:
-    c = ctx.cfg
-    filt = [c.prepare.domain_filter, filter_engine(ctx).model_dump(exclude={"concurrency", "batch_size"})] \
-        if c.prepare.domain_filter.enabled else None
-    return stage_hash("prepare", c.data, c.prepare.model_dump(exclude={"domain_filter"}), c.seed,
-                      {d: p.label for d, p in ctx.profiles.items()}, filt)
-
-
-def inputs_of(ctx: Context) -> dict[str, str]:
-    """Fingerprints of what stage 0 reads: every corpus file of every domain, the decontamination benchmark's files
-    and (with the domain filter) the generator model. The config hash says how sources are drawn; these say from
-    what, so an edited corpus at the same path is never silently reused (``reasonembed.input_fingerprint``)."""
-    cfg = ctx.cfg
-    files = [f for d in cfg.data.domains for f in domain_files(cfg.data, d, cfg.storage)]
-    files += [str(f) for f in decontamination_files(cfg.data.decontamination)]
-    out = files_fingerprint(files, cfg.storage)
-    if cfg.prepare.domain_filter.enabled:
-        out.update(model_input(filter_engine(ctx).model))
-    return out
 
 
 class FilterMessages:
@@ -130,36 +111,65 @@ def _gold_texts(ctx: Context, gold: set[str]) -> tuple[set[str], dict[str, Domai
     return hashes, kept
 
 
-def run(ctx: Context, h: str) -> dict:
-    """Run stage 0; returns the manifest fields."""
-    cfg, pc_ = ctx.cfg, ctx.cfg.prepare
-    stage, pool_stage = ctx.stage("prepare"), ctx.stage("pool")
-    inputs = inputs_of(ctx)
-    pool_stage.begin(h, overwrite=cfg.overwrite, inputs=inputs)
-    gold, gold_counts = contaminated_ids(cfg.data.decontamination)
-    gold_texts, read = _gold_texts(ctx, gold)
-    counts: Counter = Counter()
-    errors: list[dict] = []
-    eligible: dict[str, list[tuple[str, str]]] = {}
-    for domain in cfg.data.domains:
-        corpus = read.pop(domain, None) or read_domain(cfg.data, domain, cfg.storage)
-        errors += corpus.errors
-        eligible[domain] = _eligible(ctx, corpus, gold, gold_texts, counts)
-    pool_stage.write_manifest(config_hash=h, rows_in=counts["docs_valid"], rows_out=counts["pool_docs"],
-                              extra={"contaminated_removed": cfg.data.decontamination.apply_to_pool})
-    if pc_.domain_filter.enabled:
-        eligible, filter_errors = _domain_filter(ctx, h, eligible, counts, inputs)
-        errors += filter_errors
-    n_src = 0
-    for domain in cfg.data.domains:
-        n_src += _write_sources(ctx, stage, domain, eligible[domain])
-    # Always written: an empty table removes a stale error file of an earlier attempt.
-    stage.write_errors(error_table(sorted(errors, key=lambda e: (e["domain"], e["doc_id"], e["reason"])),
-                                   ERROR_SCHEMA), "all")
-    by_reason = dict(Counter(e["reason"] for e in errors))
-    return {"rows_in": counts["records_read"], "rows_out": n_src, "rows_error": len(errors),
-            "errors_by_reason": by_reason,
-            "extra": {**dict(counts), "sampled": n_src, "gold_ids": len(gold), "gold_ids_by_task": gold_counts}}
+class PrepareStage(Stage):
+    """Stage 0 (module docstring): the first stage, so its config hash chains nothing, and its inputs are files."""
+
+    name = "prepare"
+    chained = False
+
+    def settings(self, ctx: Context) -> list:
+        c = ctx.cfg
+        filt = [c.prepare.domain_filter, filter_engine(ctx).model_dump(exclude={"concurrency", "batch_size"})] \
+            if c.prepare.domain_filter.enabled else None
+        return [c.data, c.prepare.model_dump(exclude={"domain_filter"}), c.seed,
+                {d: p.label for d, p in ctx.profiles.items()}, filt]
+
+    def own_inputs(self, ctx: Context) -> dict[str, str]:
+        """Fingerprints of what stage 0 reads: every corpus file of every domain, the decontamination benchmark's
+        files and (with the domain filter) the generator model. The config hash says how sources are drawn; these
+        say from what, so an edited corpus at the same path is never silently reused
+        (``reasonembed.input_fingerprint``)."""
+        cfg = ctx.cfg
+        files = [f for d in cfg.data.domains for f in domain_files(cfg.data, d, cfg.storage)]
+        files += [str(f) for f in decontamination_files(cfg.data.decontamination)]
+        out = files_fingerprint(files, cfg.storage)
+        if cfg.prepare.domain_filter.enabled:
+            out.update(model_input(filter_engine(ctx).model))
+        return out
+
+    def run(self, ctx: Context) -> StageResult:
+        """Write the mining pool (its own stage folder, ``synthesize/pool``), filter and sample the sources."""
+        cfg, h = ctx.cfg, ctx.hashes[self.name]
+        stage, pool_stage = ctx.stage("prepare"), ctx.stage("pool")
+        inputs = self.inputs(ctx)
+        pool_stage.begin(h, overwrite=cfg.overwrite, inputs=inputs)
+        gold, gold_counts = contaminated_ids(cfg.data.decontamination)
+        gold_texts, read = _gold_texts(ctx, gold)
+        counts: Counter = Counter()
+        errors: list[dict] = []
+        eligible: dict[str, list[tuple[str, str]]] = {}
+        for domain in cfg.data.domains:
+            corpus = read.pop(domain, None) or read_domain(cfg.data, domain, cfg.storage)
+            errors += corpus.errors
+            eligible[domain] = _eligible(ctx, corpus, gold, gold_texts, counts)
+        pool_stage.write_manifest(config_hash=h, rows_in=counts["docs_valid"], rows_out=counts["pool_docs"],
+                                  extra={"contaminated_removed": cfg.data.decontamination.apply_to_pool})
+        if cfg.prepare.domain_filter.enabled:
+            eligible, filter_errors = _domain_filter(ctx, h, eligible, counts, inputs)
+            errors += filter_errors
+        n_src = 0
+        for domain in cfg.data.domains:
+            n_src += _write_sources(ctx, stage, domain, eligible[domain])
+        # Always written: an empty table removes a stale error file of an earlier attempt.
+        stage.write_errors(error_table(sorted(errors, key=lambda e: (e["domain"], e["doc_id"], e["reason"])),
+                                       ERROR_SCHEMA), "all")
+        return StageResult(rows_in=counts["records_read"], rows_out=n_src, rows_error=len(errors),
+                           errors_by_reason=dict(Counter(e["reason"] for e in errors)),
+                           extra={**dict(counts), "sampled": n_src, "gold_ids": len(gold),
+                                  "gold_ids_by_task": gold_counts})
+
+
+PREPARE = PrepareStage()
 
 
 def _eligible(ctx: Context, corpus: DomainCorpus, gold: set[str], gold_texts: set[str],
