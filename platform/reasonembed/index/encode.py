@@ -211,32 +211,77 @@ def _encode_round(sub, round_shards: set[int], embedder_cfg: EmbedderConfig, eng
     return rows, errors
 
 
+STAGED = "_input"  # <stage>/_input/bucket-<b>/<hash>.parquet: the corpus rows of round b, staged once
+STAGED_DONE = "_input/_complete"
+
+
+def _write_buckets(batch: pa.Table, fs, base: str, shards_per_round: int, keys: np.ndarray) -> pa.Table:
+    """Write one block's rows of pending shards into their rounds' folders (round = shard // shards_per_round).
+    A file is named by a hash of its ids, so a retried task rewrites the same file instead of adding a copy."""
+    shard = batch.column("shard").to_numpy()
+    mask = np.isin(shard, keys)
+    rounds = shard // shards_per_round
+    for b in np.unique(rounds[mask]):
+        rows = batch.filter(pa.array(mask & (rounds == b)))
+        name = hashlib.blake2b("\0".join(rows.column("doc_id").to_pylist()).encode(), digest_size=12).hexdigest()
+        fs.create_dir(f"{base}/bucket-{int(b):05d}", recursive=True)
+        pq.write_table(rows, f"{base}/bucket-{int(b):05d}/{name}.parquet", filesystem=fs)
+    return pa.table({"rows": [int(mask.sum())]})
+
+
+def _staged_rounds(ds, stage: StageDir, pending: list[int], shards_per_round: int):
+    """``round -> dataset of that round's rows``. With one round, the corpus dataset itself. With several, the
+    corpus is read, parsed and hashed once and its rows written grouped by round under ``<stage>/_input``, so each
+    round reads only its own rows: re-reading the whole corpus every round made the job quadratic in the corpus
+    size (a 1M-document corpus is 32 rounds of 16 shards of 2,000 rows). A resumed run reuses a complete staging
+    (the stage's config and inputs are the same, ``StageDir.begin`` checks that) and redoes an incomplete one."""
+    import ray
+
+    if len({s // shards_per_round for s in pending}) <= 1:
+        return lambda b: ds
+    if not stage.exists(STAGED_DONE):
+        stage.delete(STAGED)
+        keys = np.array(sorted(pending))
+        written = ds.map_batches(_write_buckets, batch_format="pyarrow", batch_size=None,
+                                 fn_kwargs={"fs": stage.fs, "base": stage._p(STAGED),
+                                            "shards_per_round": shards_per_round, "keys": keys})
+        log.info("staged %d rows of %d pending shards by round", written.sum("rows") or 0, len(keys))
+        stage.write_json(STAGED_DONE, {"shards": len(keys)})
+
+    def round_ds(b: int):
+        folder = f"{STAGED}/bucket-{b:05d}"
+        files = [stage._p(f"{folder}/{n}") for n in stage.list(folder, ".parquet")]
+        return ray.data.read_parquet(files, filesystem=stage.fs)
+    return round_ds
+
+
 def encode_dataset(
     build_ds, n_rows: int, embedder_cfg: EmbedderConfig, engine: EncodeEngineConfig, stage: StageDir,
     store_texts: bool = False,
 ) -> tuple[int, float]:
     """Encode every pending shard of a normalised dataset (doc_id, text, error, shard) into ``stage``.
 
-    The parts' embedding width is the width of the embedded rows themselves (no model probe in the driver).
-    Returns (shards already done before this run, seconds spent encoding).
+    A round is the pending shards among ``shards_per_round`` consecutive shard numbers; the driver holds one
+    round's rows. The parts' embedding width is the width of the embedded rows themselves (no model probe in the
+    driver). Returns (shards already done before this run, seconds spent encoding).
     """
     n_shards = max(1, math.ceil(n_rows / engine.rows_per_shard))
     done = {int(s) for s in stage.done_shards()}
     pending = [s for s in range(n_shards) if s not in done]
-    ds = build_ds(n_shards)
     t0 = time.time()
+    round_ds = _staged_rounds(build_ds(n_shards), stage, pending, engine.shards_per_round) if pending else None
     # Rows of the pending shards: exact on a fresh run; on a resume, estimated from the shard count (a document's
     # shard is a hash of its id, so shards hold about the same number of rows) and corrected at the end.
     total = n_rows if not done else round(n_rows * len(pending) / n_shards)
-    rounds = math.ceil(len(pending) / engine.shards_per_round) if pending else 0
+    rounds = sorted({s // engine.shards_per_round for s in pending})
     width = 0  # learnt from the first embedded row; only needed for a part with none
     with progress.step(stage.stage, total=total, unit="rows") as bar:
-        for r in range(0, len(pending), engine.shards_per_round):
-            round_shards = set(pending[r:r + engine.shards_per_round])
-            log.info("encoding shards %s (%d/%d pending)", sorted(round_shards), len(pending) - r, n_shards)
-            bar.set_postfix(f"round {r // engine.shards_per_round + 1}/{rounds}, {len(round_shards)} shards")
-            sub = ds.map_batches(_tag_rows, fn_kwargs={"keys": np.array(sorted(round_shards))},
-                                 batch_format="numpy")
+        for r, b in enumerate(rounds):
+            round_shards = {s for s in pending if s // engine.shards_per_round == b}
+            log.info("encoding shards %s (round %d/%d)", sorted(round_shards), r + 1, len(rounds))
+            bar.set_postfix(f"round {r + 1}/{len(rounds)}, {len(round_shards)} shards")
+            sub = round_ds(b).map_batches(_tag_rows, fn_kwargs={"keys": np.array(sorted(round_shards))},
+                                          batch_format="numpy")
             rows, errors = _encode_round(sub, round_shards, embedder_cfg, engine, bar)
             width = width or next((len(acc["embedding"][0]) for acc in rows.values() if acc["embedding"]), 0)
             for s in sorted(round_shards):
@@ -244,6 +289,7 @@ def encode_dataset(
                     width = _model_width(stage, embedder_cfg)
                 _commit_shard(stage, s, rows[s], errors.get(s, []), width, store_texts)
         bar.set_total(bar.n)  # exact now (estimated on a resume)
+    stage.delete(STAGED)  # every shard is committed: the staged rows are spent
     return len(done), time.time() - t0
 
 
@@ -267,18 +313,32 @@ def load_embeddings(stage: StageDir) -> tuple[list[str], np.ndarray]:
     return table.column("doc_id").to_pylist(), x
 
 
+def _part_batches(stage: StageDir, names: list[str]):
+    """(doc ids, float32 [n, D]) of each part in turn, in shard order (the order ``load_embeddings`` gives)."""
+    for name in names:
+        table = pq.read_table(stage._p(name), columns=["doc_id", "embedding"], filesystem=stage.fs)
+        emb = table.column("embedding").combine_chunks()
+        x = emb.values.to_numpy(zero_copy_only=False).reshape(-1, emb.type.list_size)
+        yield table.column("doc_id").to_pylist(), x.astype(np.float32, copy=False)
+
+
 def build_index(stage: StageDir, index_cfg: IndexConfig, meta: dict, storage: StorageConfig | None) -> str:
     """Build and save the FAISS index of an encode stage under ``<stage>/index``; returns its URI.
 
     With ``index_cfg.store_texts`` the index folder also gets ``texts.parquet`` (doc_id, text) of every indexed
     document, which ``serving.search`` reads to return texts with hits; it is written before ``index.json``, whose
     presence marks the index complete."""
-    ids, x = load_embeddings(stage)
-    if not ids:
+    names = stage.parts()
+    n_rows = sum(pq.read_metadata(stage._p(n), filesystem=stage.fs).num_rows for n in names)
+    if not n_rows:
         raise ValueError(f"no embeddings in {stage.uri}: every row was an error (see {stage.child('errors')})")
     spec = IndexSpec(kind=index_cfg.kind, shard_size=index_cfg.shard_size, ivf_nlist=index_cfg.ivf_nlist,
                      ivf_nprobe=index_cfg.ivf_nprobe, hnsw_m=index_cfg.hnsw_m, hnsw_ef_search=index_cfg.hnsw_ef_search)
-    index = SearchIndex.build(x, ids, spec, meta={**meta, "ivf_nprobe": index_cfg.ivf_nprobe})
+    # Streamed one part at a time: the driver holds the index (which is all the vectors: flat, IVF-Flat and HNSW
+    # keep them uncompressed) and one part, not also the whole embedding table and its copies.
+    index = SearchIndex.build_streamed(lambda: _part_batches(stage, names), n_rows, _model_width(stage, None),
+                                       spec, meta={**meta, "ivf_nprobe": index_cfg.ivf_nprobe})
+    ids = index.doc_ids
     uri = stage.child("index")
     folder = Location(uri, storage)
     if index_cfg.store_texts:

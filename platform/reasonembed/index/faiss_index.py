@@ -14,7 +14,7 @@ scores would be meaningless.
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -52,22 +52,64 @@ class IndexSpec:
     hnsw_ef_search: int = 128
 
 
-def _build_one(x: np.ndarray, spec: IndexSpec) -> faiss.Index:
-    d = x.shape[1]
-    if spec.kind == "flat" or x.shape[0] < 1024:  # IVF needs enough points to train its centroids
-        index = faiss.IndexFlatIP(d)
-    elif spec.kind == "ivf":
-        nlist = spec.ivf_nlist or max(1, int(4 * np.sqrt(x.shape[0])))
+def _empty_index(d: int, n: int, spec: IndexSpec) -> faiss.Index:
+    """The (untrained) index of one shard of ``n`` vectors."""
+    if spec.kind == "flat" or n < 1024:  # IVF needs enough points to train its centroids
+        return faiss.IndexFlatIP(d)
+    if spec.kind == "ivf":
+        nlist = spec.ivf_nlist or max(1, int(4 * np.sqrt(n)))
         index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
-        index.train(x)
         index.nprobe = spec.ivf_nprobe
-    elif spec.kind == "hnsw":
+        return index
+    if spec.kind == "hnsw":
         index = faiss.IndexHNSWFlat(d, spec.hnsw_m, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efSearch = spec.hnsw_ef_search
-    else:
-        raise ValueError(f"unknown index kind {spec.kind!r}")
+        return index
+    raise ValueError(f"unknown index kind {spec.kind!r}")
+
+
+def _build_one(x: np.ndarray, spec: IndexSpec) -> faiss.Index:
+    index = _empty_index(x.shape[1], x.shape[0], spec)
+    if not index.is_trained:
+        index.train(x)
     index.add(x)
     return index
+
+
+# IVF centroids are trained on at most this many vectors per list (FAISS warns below 39 and gains little past a few
+# hundred): a 1M-vector shard with 4,000 lists trains on 256k vectors, a 20k one on all of them.
+TRAIN_PER_LIST = 64
+
+Batches = Callable[[], Iterable[tuple[Sequence[str], np.ndarray]]]
+
+
+def _shard_slices(batches: Batches, shard_size: int) -> Iterator[tuple[int, int, Sequence[str], np.ndarray]]:
+    """(shard, first row within the shard, ids, vectors) pieces of a stream of batches, cut at shard boundaries."""
+    row = 0
+    for ids, x in batches():
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        i = 0
+        while i < len(ids):
+            k, off = divmod(row, shard_size)
+            j = i + min(len(ids) - i, shard_size - off)
+            yield k, off, ids[i:j], x[i:j]
+            row += j - i
+            i = j
+
+
+def _train_samples(batches: Batches, sizes: list[int], spec: IndexSpec, d: int) -> dict[int, np.ndarray]:
+    """A strided training sample of each shard that needs one (IVF): every ``step``-th row, at most
+    ``TRAIN_PER_LIST`` per list, so the driver never holds more than the sample."""
+    need = {k: _empty_index(d, m, spec) for k, m in enumerate(sizes)}
+    steps = {k: -(-sizes[k] // (TRAIN_PER_LIST * idx.nlist)) for k, idx in need.items() if not idx.is_trained}
+    if not steps:
+        return {}
+    parts: dict[int, list[np.ndarray]] = {k: [] for k in steps}
+    for k, off, _, x in _shard_slices(batches, spec.shard_size):
+        if k in steps:
+            first = (-off) % steps[k]  # rows off+first, off+first+step, ... are multiples of step within the shard
+            parts[k].append(x[first::steps[k]])
+    return {k: np.concatenate(v) for k, v in parts.items()}
 
 
 @dataclass
@@ -105,6 +147,37 @@ class SearchIndex:
         info = {"kind": spec.kind, "dim": int(x.shape[1]), "ntotal": int(x.shape[0]), "metric": "inner_product",
                 "shard_size": spec.shard_size, "shards": len(shards), **(meta or {})}
         return cls(shards, list(doc_ids), info, offsets)
+
+    @classmethod
+    def build_streamed(
+        cls, batches: Batches, n_rows: int, dim: int, spec: IndexSpec | None = None,
+        meta: dict[str, Any] | None = None,
+    ) -> SearchIndex:
+        """Build from a stream of (ids, vectors) batches instead of one array: the driver holds the index, the
+        ids and one batch (plus an IVF training sample), never a second copy of all vectors.
+
+        ``batches()`` is called once more for IVF (a first pass collects each shard's strided training sample, at
+        most ``TRAIN_PER_LIST`` vectors per list; a shard no larger than that trains on all its vectors, as
+        :meth:`build` does). The index itself must fit in memory; a corpus larger than one machine is cut into
+        shards of ``spec.shard_size`` (docs/scale.md has the arithmetic)."""
+        spec = spec or IndexSpec()
+        sizes = [min(spec.shard_size, n_rows - s) for s in range(0, max(1, n_rows), spec.shard_size)]
+        samples = _train_samples(batches, sizes, spec, dim)
+        shards = [_empty_index(dim, m, spec) for m in sizes]
+        for k, sample in samples.items():
+            shards[k].train(sample)
+        samples.clear()
+        doc_ids: list[str] = []
+        for k, _, ids, x in _shard_slices(batches, spec.shard_size):
+            shards[k].add(x)
+            doc_ids.extend(str(i) for i in ids)
+        if len(doc_ids) != n_rows:
+            raise ValueError(f"the batches held {len(doc_ids)} rows, not the {n_rows} announced")
+        if len(set(doc_ids)) != len(doc_ids):
+            raise ValueError("duplicate doc ids in index input")
+        info = {"kind": spec.kind, "dim": dim, "ntotal": n_rows, "metric": "inner_product",
+                "shard_size": spec.shard_size, "shards": len(shards), **(meta or {})}
+        return cls(shards, doc_ids, info, [k * spec.shard_size for k in range(len(sizes))])
 
     def check_compatible(self, encoder: dict[str, Any]) -> None:
         """Refuse a query encoder that differs from the index's recorded encoder on any of ``ENCODER_KEYS`` or on the
