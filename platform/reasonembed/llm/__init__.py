@@ -13,8 +13,8 @@ Entry points:
 Imports of Ray and vLLM are deferred to call time so that configs and helpers stay importable without them.
 """
 
-from reasonembed.llm.engine import resolve_model_source, to_processor_config
-from reasonembed.llm.processor import build_generation_processor, generate, generate_tables, split_errors
+from reasonembed.llm.engine_args import resolve_model_source, to_processor_config
+from reasonembed.llm.generation import build_generation_processor, generate, generate_tables, split_errors
 from reasonembed.llm.prompts import (
     BAD_INPUT,
     ENGINE_ERROR,

@@ -118,7 +118,7 @@ def vllm_stage_parts(cfg: LLMEngineConfig, model_source: str):
     """``(processor, vLLM stage, UDF kwargs, actor options)`` exactly as ``ray.data.llm.build_processor`` makes them."""
     from ray.data.llm import build_processor
 
-    from reasonembed.llm.engine import to_processor_config
+    from reasonembed.llm.engine_args import to_processor_config
 
     processor = build_processor(to_processor_config(cfg, model_source))
     stage = processor.get_stage_by_name("vLLMEngineStage")

@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from reasonembed.config.llm import LLMEngineConfig
-from reasonembed.llm.engine import REMOTE_PREFIXES
+from reasonembed.llm.engine_args import REMOTE_PREFIXES
 from reasonembed.llm.sampling import sampling_params_for
 
 PROMPT_TOO_LONG = "prompt_too_long"
@@ -105,7 +105,7 @@ class RequestBuilder:
         id_column: str = "id",
         model_source: str | None = None,
     ):
-        from reasonembed.llm.engine import resolve_model_source
+        from reasonembed.llm.engine_args import resolve_model_source
 
         self.cfg = cfg
         self.build_messages = build_messages

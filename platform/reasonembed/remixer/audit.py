@@ -270,8 +270,8 @@ def _write(cfg: AuditJobConfig, report: dict, rows: list[dict]) -> None:
 def run(cfg: AuditJobConfig) -> dict[str, Any]:
     """Sample pairs, score them with the annotator in one Ray Data vLLM run, write the audit; returns report.json."""
     from reasonembed.data.beir import load_beir_folder
-    from reasonembed.llm.engine import resolve_model_source
-    from reasonembed.llm.processor import generate_tables
+    from reasonembed.llm.engine_args import resolve_model_source
+    from reasonembed.llm.generation import generate_tables
     from reasonembed.remixer.annotate import AnnotationMessages
     from reasonembed.remixer.prompts import profile_for
     from reasonembed.remixer.sources import expand_path

@@ -315,7 +315,7 @@ def model_record(engine: LLMEngineConfig) -> dict:
     """
     from pathlib import Path
 
-    from reasonembed.llm.engine import engine_kwargs, resolve_model_source
+    from reasonembed.llm.engine_args import engine_kwargs, resolve_model_source
     from reasonembed.models.fingerprint import model_fingerprint
 
     source = resolve_model_source(engine.model)
@@ -333,7 +333,7 @@ def batch_invariant_engine(engine: LLMEngineConfig) -> LLMEngineConfig:
     vLLM's batch-invariant kernels (``VLLM_BATCH_INVARIANT=1`` in the engine actors' environment). CPU, which has no
     such kernels: one sequence per engine step (``max_num_seqs=1``), prefix caching and chunked prefill off, so every
     request is computed with the same shapes whatever else is queued. Only these keys are added; the step budget
-    that whole-prompt prefill needs comes from the one engine builder (``reasonembed.llm.engine.engine_kwargs``), as
+    that whole-prompt prefill needs comes from the one engine builder (``reasonembed.llm.engine_args.engine_kwargs``), as
     for any other engine. Keys set in engine_kwargs win.
     """
     if engine.on_cpu:
@@ -347,15 +347,8 @@ def batch_invariant_engine(engine: LLMEngineConfig) -> LLMEngineConfig:
 
 def stage_engine(engine: LLMEngineConfig, batch_invariant: bool) -> LLMEngineConfig:
     """The engine an LLM stage runs: ``engine``, batch-invariant when asked (its engine arguments are then built by
-    ``reasonembed.llm.engine.engine_kwargs`` like a direct ``generate()``'s)."""
+    ``reasonembed.llm.engine_args.engine_kwargs`` like a direct ``generate()``'s)."""
     return batch_invariant_engine(engine) if batch_invariant else engine
-
-
-def cpu_seed_safe(engine: LLMEngineConfig) -> LLMEngineConfig:
-    """``engine`` unchanged: the seeded-CPU workaround (chunked prefill off) is applied by the one engine builder,
-    ``reasonembed.llm.engine.engine_kwargs``, to every engine. Kept only for bench/synthesize.py, which still calls
-    it; drop both together."""
-    return engine
 
 
 def _split_by_shard(rows: pa.Table, shards: list[str]) -> dict[str, pa.Table]:

