@@ -84,8 +84,8 @@ class TreeSampler:
             for p in procs:
                 try:
                     rss = p.memory_info().rss
-                    if p.pid not in self.names:
-                        self.names[p.pid] = " ".join(p.cmdline()[:2])[:80]
+                    # Re-read each time: a Ray worker starts as default_worker.py and renames itself ray::<task>.
+                    self.names[p.pid] = " ".join(p.cmdline()[:2])[:80]
                 except psutil.Error:
                     continue
                 self.peak[p.pid] = max(self.peak.get(p.pid, 0), rss)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-ROWS_PER_FILE = 100_000
+ROWS_PER_FILE = 10_000  # a sharded corpus: every size is read in blocks of the same size
 MEAN_WORDS = 40  # mean document length in words (log-normal, 3..300)
 DONE = "_corpus.done"  # JSON, written last: its presence marks a complete corpus folder
 
