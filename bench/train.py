@@ -62,6 +62,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--st-batch-sampler", choices=("batch_sampler", "no_duplicates"), default="batch_sampler",
                    help="sentence-transformers' batch sampler (no_duplicates: no text twice in a batch, which the "
                    "sentence-transformers docs recommend for MultipleNegativesRankingLoss)")
+    p.add_argument("--st-loss", choices=("mnrl", "ours"), default="mnrl",
+                   help="controlled check: the sentence-transformers trainer with our RIInfoNCELoss instead of MNRL")
+    p.add_argument("--st-order", choices=("random", "ours"), default="random",
+                   help="controlled check: the sentence-transformers trainer fed our trainer's exact batches "
+                   "(BatchPlanner schedule of the same seed) instead of its RandomSampler")
     p.add_argument("--worker", choices=TRAINERS, default=None, help=argparse.SUPPRESS)  # one trainer, one process
     p.add_argument("--seed", type=int, default=42, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -153,6 +158,56 @@ def st_columns(rows: list[dict], group: int) -> dict[str, list[str]]:
     return cols
 
 
+class OurLossInST:
+    """Our RIInfoNCELoss as a sentence-transformers loss (controlled check ``--st-loss ours``): the trainer's
+    features are [anchor, positive, negative_1 .. negative_{G-1}]; passages go to the loss laid out per query as
+    [pos, neg_1 ...], the layout RIInfoNCELoss expects (no reasoning queries: basic InfoNCE)."""
+
+    def __new__(cls, model, temperature: float):
+        import torch
+
+        from reasonembed.redapter.loss import LossConfig, RIInfoNCELoss
+
+        class _Loss(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.model = model
+                self.loss = RIInfoNCELoss(LossConfig(temperature=temperature, use_ri=False, cross_device=False))
+
+            def forward(self, sentence_features, labels=None):
+                embs = [self.model(f)["sentence_embedding"] for f in sentence_features]
+                passages = torch.stack(embs[1:], dim=1).reshape(-1, embs[0].size(1))
+                return self.loss(embs[0], passages).loss
+
+        return _Loss()
+
+
+def our_order_sampler(args, rows: list[dict], samples_dir: Path):
+    """A sentence-transformers batch sampler that yields, epoch by epoch, the rows of our trainer's own schedule
+    (``BatchPlanner`` with the same seed, batch size and data), mapped to the dataset's row positions by sample id
+    (controlled check ``--st-order ours``)."""
+    from sentence_transformers.base.sampler import DefaultBatchSampler
+
+    from reasonembed.redapter.batching import BatchPlanner
+    from reasonembed.redapter.data import TrainDataConfig, read_training_data
+
+    cfg = TrainDataConfig(paths=[str(samples_dir)], batch_size=args.batch, train_group_size=args.group)
+    data = read_training_data(cfg, seed=args.seed)
+    planner = BatchPlanner(data, cfg, seed=args.seed)
+    position = {r["sample_id"]: i for i, r in enumerate(rows)}
+    ids = data.table["sample_id"].to_pylist()
+
+    class OurOrder(DefaultBatchSampler):
+        def __iter__(self):
+            for batch in planner.schedule(self.epoch)[0]:
+                yield [position[ids[r]] for r in batch.rows.tolist()]
+
+        def __len__(self) -> int:
+            return planner.steps_per_epoch()
+
+    return OurOrder
+
+
 def train_st(args, rows: list[dict], work: Path) -> tuple[str, dict]:
     import torch
     from datasets import Dataset
@@ -164,8 +219,14 @@ def train_st(args, rows: list[dict], work: Path) -> tuple[str, dict]:
     torch.set_num_threads(args.threads)
     model = SentenceTransformer(str(resolve_model("minilm").path), device="cpu")
     model.max_seq_length = args.max_length
-    loss = MultipleNegativesRankingLoss(model, scale=1.0 / args.temperature)
-    trainer = SentenceTransformerTrainer(model=model, args=st_arguments(args, work),
+    if args.st_loss == "ours":
+        loss = OurLossInST(model, args.temperature)
+    else:
+        loss = MultipleNegativesRankingLoss(model, scale=1.0 / args.temperature)
+    st_args = st_arguments(args, work)
+    if args.st_order == "ours":
+        st_args.batch_sampler = our_order_sampler(args, rows, work.parent / "samples")
+    trainer = SentenceTransformerTrainer(model=model, args=st_args,
                                          train_dataset=Dataset.from_dict(st_columns(rows, args.group)), loss=loss)
     with BusyCores() as cpu:
         out = trainer.train()
@@ -271,7 +332,7 @@ def run_worker(args, trainer: str, seed: int, work: Path) -> dict:
     """Run one trainer in a fresh process; its RESULT line."""
     argv = [sys.executable, __file__, "--worker", trainer, "--seed", str(seed), "--out", str(work)]
     for flag in ("data_dir", "epochs", "batch", "group", "max_length", "lr", "temperature", "threads",
-                 "limit_train", "limit_test", "st_batch_sampler"):
+                 "limit_train", "limit_test", "st_batch_sampler", "st_loss", "st_order"):
         value = getattr(args, flag)
         if value is not None:
             argv += [f"--{flag.replace('_', '-')}", str(value)]
