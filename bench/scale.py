@@ -124,7 +124,10 @@ def watched(cmd: list[str], env: dict | None = None, kill_when=None) -> tuple[fl
 
 
 def last_json(text: str) -> dict:
-    return json.loads([x for x in text.splitlines() if x.startswith("{")][-1])
+    lines = [x for x in text.splitlines() if x.startswith("{")]
+    if not lines:
+        raise RuntimeError(f"no result line in the step's output:\n{text[-3000:]}")
+    return json.loads(lines[-1])
 
 
 def folder_bytes(path: Path) -> int:
@@ -361,7 +364,10 @@ def size_row(n: int, work: Path, args, queries: list[str]) -> dict:
     row["index"] = [bench_index(row["stage"], kind) for kind in INDEX_KINDS]
     print(f"[scale] index {n:,}: {json.dumps(row['index'])}", flush=True)
     if not args.no_search:
-        row["search"] = bench_search(row["index"][0]["index"], model, queries)
+        try:
+            row["search"] = bench_search(row["index"][0]["index"], model, queries)
+        except RuntimeError as exc:  # recorded, so the encode and index rows of this size are not lost
+            row["search"] = {"error": str(exc)[-2000:]}
         print(f"[scale] search {n:,}: {json.dumps(row['search'])}", flush=True)
     return row
 
