@@ -62,7 +62,7 @@ def listening_sockets():
 # pytest-xdist workers that take whole files (--dist loadfile) in collection order, so starting with the longest files
 # keeps one worker from being left alone with a 7-minute file at the end (longest-processing-time-first scheduling).
 LONGEST_FIRST = (
-    "test_remixer_pipeline.py", "test_trainer_ray.py", "test_encode.py", "test_job_submit_lines.py", "test_serve_app.py",
+    "test_remixer_pipeline.py", "test_trainer_ray.py", "test_encode.py", "test_scale_smoke.py", "test_job_submit_lines.py", "test_serve_app.py",
     "test_serve_cli.py", "test_engine_pool.py", "test_compare.py", "test_encode_inputs.py", "test_autoscaling.py",
     "test_submit.py", "test_serve_wheel.py", "test_audit.py", "test_llm_generation.py", "test_serve_limits.py",
     "test_pool_protocol.py", "test_serve_engine.py", "test_onnx_backend.py", "test_remixer_reuse.py", "test_evaluate.py",

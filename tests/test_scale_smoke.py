@@ -38,20 +38,20 @@ def _counting_builder(texts: list[str], ids: list[str], log: Path):
 
 
 def test_corpus_is_read_once_however_many_rounds(ray_local, tmp_path):
-    """3,000 documents in 30 shards of 100, 5 shards a round: 6 rounds. Before the fix every round re-read and
-    re-parsed the whole corpus (twice: error rows, then embedded rows), 36,000 row reads: the job was quadratic in
+    """400 documents in 8 shards of 50, 4 shards a round: 2 rounds. Before the fix every round re-read and
+    re-parsed the whole corpus (twice: error rows, then embedded rows), 1,600 row reads: the job was quadratic in
     the corpus size. Now the corpus is read once, staged by round, and the staging is removed at the end."""
-    n = 3000
+    n = 400
     scale_corpus.write_synthetic(str(tmp_path / "c"), n)
     import pyarrow.parquet as pq
 
     table = pq.read_table(tmp_path / "c" / "part-00000.parquet")
     log = tmp_path / "reads.txt"
     cfg = EncodeJobConfig(out=str(tmp_path / "out"), run_id="t", embedder={"model": "minilm", "max_length": 16},
-                          engine={"rows_per_shard": 100, "shards_per_round": 5}, index={"build": False})
+                          engine={"rows_per_shard": 50, "shards_per_round": 4}, index={"build": False})
     summary = encode.run(cfg, dataset_builder=_counting_builder(table.column("text").to_pylist(),
                                                                  table.column("id").to_pylist(), log),
-                         n_rows=n, inputs={"synthetic": "3000"})
+                         n_rows=n, inputs={"synthetic": str(n)})
     rows_read = sum(int(x) for x in log.read_text().split())
     assert rows_read == n, f"the corpus was read {rows_read / n:.1f} times"
     stage = open_run(str(tmp_path / "out"), "t").stage("encode")
