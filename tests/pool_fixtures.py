@@ -19,7 +19,7 @@ from pathlib import Path
 MISSING_DOC = "not-in-corpus-1"
 
 
-def _scifact(scifact_dir: Path, n_queries: int) -> tuple[list[dict], dict[str, list[str]], list[dict]]:
+def scifact_slice(scifact_dir: Path, n_queries: int) -> tuple[list[dict], dict[str, list[str]], list[dict]]:
     qrels: dict[str, list[str]] = {}
     for line in (scifact_dir / "qrels.tsv").read_text().splitlines()[1:]:
         qid, did, _ = line.split("\t")
@@ -55,7 +55,7 @@ def _corpus(docs: list[dict], wanted: set[str], n_others: int) -> list[dict]:
 
 def pool_folder(scifact_dir: Path, folder: Path, n_queries: int = 50, depth: int = 10) -> Path:
     """The reranking-pool folder (module docstring); returns it."""
-    queries, relevant, docs = _scifact(scifact_dir, n_queries)
+    queries, relevant, docs = scifact_slice(scifact_dir, n_queries)
     base = _corpus(docs, {d for v in relevant.values() for d in v}, 400)
     top = _bm25_top(base, queries, depth)
     rows: list[tuple[str, str, int]] = []
@@ -76,7 +76,7 @@ def pool_folder(scifact_dir: Path, folder: Path, n_queries: int = 50, depth: int
 
 def multiple_choice_folder(scifact_dir: Path, folder: Path, n_queries: int = 30, choices: int = 4) -> Path:
     """Each query: its first relevant document (score 1) and ``choices - 1`` BM25-hard wrong ones (score 0)."""
-    queries, relevant, docs = _scifact(scifact_dir, n_queries)
+    queries, relevant, docs = scifact_slice(scifact_dir, n_queries)
     base = _corpus(docs, {d for v in relevant.values() for d in v}, 400)
     top = _bm25_top(base, queries, choices + 5)
     rows: list[tuple[str, str, int]] = []

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pool_fixtures import pool_folder, scifact_slice
 
 REPO = Path(__file__).resolve().parents[1]
 KEYS = {"ndcg_at_1", "ndcg_at_5", "ndcg_at_10", "ndcg_at_100", "recall_at_10", "recall_at_100", "mrr_at_10", "map"}
@@ -80,13 +81,7 @@ def _r2med_folder(scifact_dir: Path, root: Path, n_queries: int = 6) -> Path:
     """An R2MED task folder in R2MED's release layout (``r2med/Biology/{corpus,query}.jsonl`` + ``qrels.txt`` with a
     score column) from real SciFact text. Each relevant abstract is followed by the next ones until the document
     holds ~6000 characters: well over 512 tokens, well under 8192."""
-    qrels = {}
-    for line in (scifact_dir / "qrels.tsv").read_text().splitlines()[1:]:
-        qid, did, _ = line.split("\t")
-        qrels.setdefault(qid, []).append(did)
-    queries = [q for q in map(json.loads, (scifact_dir / "queries.jsonl").read_text().splitlines())
-               if q["id"] in qrels][:n_queries]
-    docs = [json.loads(x) for x in (scifact_dir / "corpus.jsonl").read_text().splitlines()]
+    queries, qrels, docs = scifact_slice(scifact_dir, n_queries)
     at = {d["id"]: i for i, d in enumerate(docs)}
     wanted = [d for q in queries for d in qrels[q["id"]]]
     corpus = []
@@ -133,7 +128,6 @@ def test_per_query_instructions_are_used_and_reported(scifact_dir, tmp_path, min
     """Queries whose records carry an ``instruction`` are embedded with it (in the model's instruction format), the
     others with the fallback (here none); report.json says so and counts them. Checked against embeddings made here
     with Embedder.format_queries' format, on a pool folder (the pool protocol keeps the encode small)."""
-    from pool_fixtures import pool_folder
 
     from reasonembed.config.embedder import EmbedderConfig
     from reasonembed.config.evaluate import EvaluateJobConfig
