@@ -307,3 +307,19 @@ def test_ri_weights_are_measured_without_dropout(samples, tiny_qwen3_path):
     assert all(m.training for m in module.modules())
     with torch.no_grad():  # dropout is on for the trained forward, so the equality above is not vacuous
         assert not torch.equal(module(rq_in, rq_in)[0], module(rq_in, rq_in)[0])
+
+
+def test_relative_data_and_model_folders_become_absolute_for_the_workers(tmp_path, monkeypatch):
+    """Ray Train workers run in another working directory: a relative local model folder must reach them as an
+    absolute path (it failed in the workers with 'model path does not exist'); names stay names."""
+    from reasonembed.redapter.trainer import _absolute_paths
+
+    (tmp_path / "base-model").mkdir()
+    (tmp_path / "minilm").mkdir()  # a folder named like a built-in does not shadow the built-in
+    monkeypatch.chdir(tmp_path)
+    cfg = _absolute_paths(TrainJobConfig.model_validate({"data": {"paths": "samples"},
+                                                         "embedder": {"model": "base-model"}}))
+    assert cfg.embedder.model == str(tmp_path / "base-model") and cfg.data.paths == [str(tmp_path / "samples")]
+    for name in ("minilm", "org/model"):
+        kept = _absolute_paths(TrainJobConfig.model_validate({"data": {"paths": "s"}, "embedder": {"model": name}}))
+        assert kept.embedder.model == name

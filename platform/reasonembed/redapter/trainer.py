@@ -31,6 +31,7 @@ from typing import Any
 from reasonembed import progress
 from reasonembed.config.base import ConfigError, StorageConfig, config_hash
 from reasonembed.config.train import TrainJobConfig
+from reasonembed.models.registry import BUILTINS
 from reasonembed.redapter.batching import BatchPlanner
 from reasonembed.redapter.curves import CURVES_PNG, METRICS_JSONL, plot_curves, read_events, read_rows
 from reasonembed.redapter.data import TrainingData, read_training_data
@@ -63,10 +64,15 @@ def locations(cfg: TrainJobConfig) -> dict[str, str]:
     return {"train": train, "ray": join(train, cfg.checkpointing.name), "model": export}
 
 
-def _absolute_data(cfg: TrainJobConfig) -> TrainJobConfig:
-    # Ray workers do not share the driver's working directory.
+def _absolute_paths(cfg: TrainJobConfig) -> TrainJobConfig:
+    """Local data paths and a local model folder made absolute: Ray workers do not share the driver's working
+    directory, so ``embedder.model=runs/base-model`` would name nothing there."""
     paths = [p if is_s3(p) else str(Path(p).expanduser().resolve()) for p in cfg.data.paths]
-    return cfg.model_copy(update={"data": cfg.data.model_copy(update={"paths": paths})})
+    update: dict[str, Any] = {"data": cfg.data.model_copy(update={"paths": paths})}
+    model = Path(cfg.embedder.model).expanduser()
+    if cfg.embedder.model not in BUILTINS and not model.is_absolute() and model.is_dir():
+        update["embedder"] = cfg.embedder.model_copy(update={"model": str(model.resolve())})
+    return cfg.model_copy(update=update)
 
 
 def export_prompts(cfg: TrainJobConfig, data: TrainingData) -> tuple[str | None, dict[str, str]]:
@@ -164,7 +170,7 @@ def run(cfg: TrainJobConfig) -> dict[str, Any]:
 
     t0 = time.time()
     apply_env_defaults()
-    cfg = _absolute_data(cfg)
+    cfg = _absolute_paths(cfg)
     where = locations(cfg)
     data = read_training_data(cfg.data, cfg.storage, seed=cfg.seed)
     stage = StageDir(where["train"], "train", cfg.storage)
