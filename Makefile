@@ -65,7 +65,7 @@ test-fast: install
 	$(VENV)/bin/pytest tests -q -m "not slow and not acceptance"
 
 bench: install
-	$(PY) bench/encode.py
+	$(PY) bench/encode.py --quality
 
 # The serving baseline, infinity-emb, pins transformers<5, so it lives in its own virtualenv (benchmarks only).
 INFINITY_VENV ?= .venv-infinity
@@ -78,7 +78,8 @@ $(INFINITY_VENV)/.installed:
 	@touch $@
 
 bench-serve: install $(INFINITY_VENV)/.installed
-	$(PY) bench/serve.py --infinity-bin $(INFINITY_VENV)/bin/infinity_emb
+	$(PY) bench/serve.py --infinity-bin $(INFINITY_VENV)/bin/infinity_emb \
+	  --config configs/serve/local-tiny.yaml configs/serve/local-int8.yaml
 
 clean:
 	rm -rf $(VENV) $(INFINITY_VENV) runs .pytest_cache

