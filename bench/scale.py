@@ -116,7 +116,9 @@ def watched(cmd: list[str], env: dict | None = None, kill_when=None) -> tuple[fl
                 proc.wait()
                 break
             time.sleep(0.2)
-    reader.join(timeout=10)
+    # Ray's own processes can hold the pipe open a while after the step exits; the result line is already read
+    # by then, but wait long enough that a slow flush is not cut off.
+    reader.join(timeout=60)
     text = "".join(out)
     if proc.returncode not in (0, -signal.SIGKILL):
         raise RuntimeError(f"{' '.join(cmd[:4])}... exited {proc.returncode}:\n{text[-3000:]}")
@@ -198,7 +200,7 @@ def index_main(stage_path: str, kind: str) -> None:
     build_s = time.time() - t0
     shutil.rmtree(path / f"index-{kind}", ignore_errors=True)
     (path / "index").rename(path / f"index-{kind}")
-    print(json.dumps({"build_s": round(build_s, 2)}))
+    print(json.dumps({"build_s": round(build_s, 2)}), flush=True)
 
 
 def _latencies(base: str, queries: list[str], concurrency: int, n: int) -> list[float]:
@@ -244,7 +246,7 @@ def search_main(index: str, model: str, qfile: str, n_requests: int = 400) -> No
             out[f"c{c}_p50_ms"], out[f"c{c}_p99_ms"] = round(float(np.percentile(lat, 50)), 1), \
                 round(float(np.percentile(lat, 99)), 1)
             out[f"c{c}_qps"] = round(len(lat) / (lat.sum() / 1000 / c), 1)
-        print(json.dumps(out))
+        print(json.dumps(out), flush=True)  # before the shutdown logs, so the result line is never held back
     finally:
         serve.shutdown()
         ray.shutdown()

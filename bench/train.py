@@ -2,6 +2,8 @@
 
     python bench/train.py [--epochs 2] [--batch 16] [--group 4] [--max-length 256] [--seeds 42,43,44]
     python bench/train.py --check-parity      # the controlled check only (seconds)
+    python bench/train.py --limit-train 320 --epochs 3 --max-length 128 --limit-test 250 --seeds 1 \
+        --no-dropout --st-order ours --st-loss ours  # the deterministic whole-run check (about 12 minutes)
 
 1. Split the 1,500 queries: numeric id suffix < 1000 train, the other 500 evaluate; the corpus is all 1,500 posts.
 2. Mine hard negatives with the platform's own path (base ``Embedder`` + exact ``SearchIndex``, the positive
@@ -19,6 +21,11 @@
 ``--check-parity`` is the controlled check behind the comparison: on one identical batch and identical weights (eval
 mode) both losses must agree, and both trainers' optimizers must see the same parameters, learning-rate schedule,
 dropout and attention kernel.
+
+``--no-dropout --st-order ours --st-loss ours`` is the whole-run check: both trainers start from a copy of MiniLM with
+dropout 0, the sentence-transformers trainer gets our exact batches and our loss, so nothing random is left and the
+two runs must end at the same weights. When both trainers ran for a seed, the distance between their trained
+weights (max |Δθ| and ‖Δθ‖ / ‖θ‖) is printed.
 """
 
 from __future__ import annotations
@@ -67,6 +74,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--st-order", choices=("random", "ours"), default="random",
                    help="controlled check: the sentence-transformers trainer fed our trainer's exact batches "
                    "(BatchPlanner schedule of the same seed) instead of its RandomSampler")
+    p.add_argument("--no-dropout", action="store_true",
+                   help="controlled check: both trainers start from a copy of MiniLM with dropout 0 (hidden and "
+                   "attention), so with --st-order ours and --st-loss ours their runs are deterministic and comparable "
+                   "step for step")
+    p.add_argument("--base-model", default="minilm", help=argparse.SUPPRESS)  # set by --no-dropout for the workers
     p.add_argument("--worker", choices=TRAINERS, default=None, help=argparse.SUPPRESS)  # one trainer, one process
     p.add_argument("--seed", type=int, default=42, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -124,7 +136,7 @@ def train_ours(args, data_dir: Path, work: Path) -> tuple[str, dict]:
         "run_id": f"bench-impliret-{args.seed}", "out": str(work / "ours"), "seed": args.seed,
         "ray": {"num_cpus": max(2, args.threads), "object_store_memory_mb": 256},
         "data": {"paths": [str(data_dir)], "batch_size": args.batch, "train_group_size": args.group},
-        "embedder": {"model": "minilm", "pooling": "mean", "max_length": args.max_length},
+        "embedder": {"model": args.base_model, "pooling": "mean", "max_length": args.max_length},
         "lora": {"enabled": False},
         "loss": {"temperature": args.temperature},
         "optim": {"lr": args.lr, "warmup_ratio": 0.1, "epochs": args.epochs, "weight_decay": 0.0,
@@ -217,7 +229,7 @@ def train_st(args, rows: list[dict], work: Path) -> tuple[str, dict]:
     from reasonembed.models.registry import resolve_model
 
     torch.set_num_threads(args.threads)
-    model = SentenceTransformer(str(resolve_model("minilm").path), device="cpu")
+    model = SentenceTransformer(str(resolve_model(args.base_model).path), device="cpu")
     model.max_seq_length = args.max_length
     if args.st_loss == "ours":
         loss = OurLossInST(model, args.temperature)
@@ -249,7 +261,8 @@ def worker(args) -> None:
         path, speed = train_st(args, rows, work / f"st-{args.seed}")
     speed["wall_s"] = time.time() - t0
     metrics = evaluate(path, task, test_q, args.max_length, args.threads)
-    print("RESULT " + json.dumps({"trainer": args.worker, "seed": args.seed, "metrics": metrics, "speed": speed}))
+    print("RESULT " + json.dumps({"trainer": args.worker, "seed": args.seed, "metrics": metrics, "speed": speed,
+                                  "model_path": str(path)}))
 
 
 def check_parity(args) -> None:
@@ -331,7 +344,7 @@ def prepare(args, work: Path) -> dict:
 def run_worker(args, trainer: str, seed: int, work: Path) -> dict:
     """Run one trainer in a fresh process; its RESULT line."""
     argv = [sys.executable, __file__, "--worker", trainer, "--seed", str(seed), "--out", str(work)]
-    for flag in ("data_dir", "epochs", "batch", "group", "max_length", "lr", "temperature", "threads",
+    for flag in ("data_dir", "base_model", "epochs", "batch", "group", "max_length", "lr", "temperature", "threads",
                  "limit_train", "limit_test", "st_batch_sampler", "st_loss", "st_order"):
         value = getattr(args, flag)
         if value is not None:
@@ -341,6 +354,40 @@ def run_worker(args, trainer: str, seed: int, work: Path) -> dict:
     if proc.returncode or not lines:
         raise SystemExit(f"{trainer} (seed {seed}) failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
     return json.loads(lines[-1][len("RESULT "):])
+
+
+def no_dropout_copy(work: Path) -> str:
+    """A copy of the built-in MiniLM folder whose config has hidden and attention dropout 0 (weights linked)."""
+    from reasonembed.models.registry import resolve_model
+
+    src, dst = resolve_model("minilm").path, work.resolve() / "minilm-no-dropout"
+    for f in src.rglob("*"):
+        target = dst / f.relative_to(src)
+        if f.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+        elif f.name == "config.json" and f.parent == src:
+            cfg = json.loads(f.read_text())
+            cfg.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(json.dumps(cfg, indent=2))
+        elif not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.symlink_to(f)
+    return str(dst)
+
+
+def weight_gap(path_a: str, path_b: str) -> dict[str, float]:
+    """How far two trained copies of the same architecture ended apart: max |Δθ| and ‖Δθ‖ / ‖θ_a‖ over the
+    transformer's parameters (BERT's pooler excluded: mean pooling never trains it)."""
+    import torch
+    from transformers import AutoModel
+
+    a = AutoModel.from_pretrained(path_a).state_dict()
+    b = AutoModel.from_pretrained(path_b).state_dict()
+    keys = [k for k in a if not k.startswith("pooler.") and a[k].is_floating_point()]
+    diff = torch.cat([(a[k] - b[k]).flatten() for k in keys])
+    ref = torch.cat([a[k].flatten() for k in keys])
+    return {"max_abs": float(diff.abs().max()), "relative_l2": float(diff.norm() / ref.norm())}
 
 
 def summarize(args, base: dict, results: list[dict]) -> None:
@@ -373,6 +420,8 @@ def main() -> None:
     work = Path(args.out or tempfile.mkdtemp(prefix="bench-train-"))
     work.mkdir(parents=True, exist_ok=True)
     args.out = str(work)
+    if args.no_dropout:
+        args.base_model = no_dropout_copy(work)
     base = prepare(args, work)
     results = []
     for seed in [int(x) for x in args.seeds.split(",")]:
@@ -382,6 +431,13 @@ def main() -> None:
             print(f"  {trainer} seed {seed}: nDCG@10 {r['metrics']['ndcg_at_10']:.4f}, "
                   f"{r['speed']['samples_per_s']:.2f} samples/s, {r['speed']['busy_cores']:.2f} busy cores")
     summarize(args, base, results)
+    for seed in sorted({r["seed"] for r in results}):
+        pair = {r["trainer"]: r for r in results if r["seed"] == seed}
+        if len(pair) == 2:
+            gap = weight_gap(pair["ours"]["model_path"], pair["sentence-transformers"]["model_path"])
+            pair["ours"]["weight_gap_to_st"] = gap
+            print(f"seed {seed}: trained weights, ours vs sentence-transformers: max |Δθ| {gap['max_abs']:.2e}, "
+                  f"‖Δθ‖/‖θ‖ {gap['relative_l2']:.2e}")
     (work / "results.json").write_text(json.dumps({"args": vars(args), "base": base, "runs": results}, indent=2))
     print(f"results: {work / 'results.json'}")
 
