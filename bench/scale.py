@@ -95,8 +95,15 @@ class TreeSampler:
         """Peak RSS (MB) of the driver, of the largest Ray worker, and the workers seen."""
         workers = {pid: v for pid, v in self.peak.items() if self.names.get(pid, "").startswith("ray::")}
         mb = 2**20
+        top = sorted(workers, key=workers.get, reverse=True)
+        actors = sorted(v for pid, v in workers.items() if "EmbedActor" in self.names.get(pid, ""))
         return {"driver_mb": round(self.peak.get(self.root.pid, 0) / mb, 1),
                 "worker_max_mb": round(max(workers.values(), default=0) / mb, 1), "workers": len(workers),
+                # Which processes peaked: the encode job starts one EmbedActor per round, so the largest worker is
+                # the largest of as many actor processes as there are rounds.
+                "worker_top": [[self.names[pid], round(workers[pid] / mb, 1)] for pid in top[:5]],
+                "embed_actors": len(actors),
+                "embed_actor_median_mb": round(float(np.median(actors)) / mb, 1) if actors else None,
                 "worker_peaks_mb": sorted((round(v / mb, 1) for v in workers.values()), reverse=True)}
 
 
