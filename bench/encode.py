@@ -365,16 +365,17 @@ def summarise(args, rounds: list[dict], doc_ids: list[str], n_params: int, expor
 
 
 def quality(args, corpus_emb: dict[str, dict]) -> dict:
-    """nDCG@10 (and the headline metrics) of each backend on SciFact's test queries, reusing the job's corpus
-    embeddings of that backend, and on the ImpliRet subsets (the Embedder encodes corpus and queries); printed with
+    """nDCG@10 (and the headline metrics) of each backend on the benched corpus's test queries (SciFact by default),
+    reusing the job's corpus embeddings of that backend, and on the ImpliRet subsets (the Embedder encodes corpus and queries); printed with
     each backend's difference to the first one."""
     from reasonembed.config.embedder import EmbedderConfig
     from reasonembed.data.beir import load_beir_folder
     from reasonembed.models.embedder import Embedder
     from reasonembed.redapter.dev_eval import retrieval_metrics
 
-    tasks = [("scifact", args.data)] + [(f"impliret/{x}", default_data().parent.parent / "impliret" / x)
-                                        for x in args.quality_impliret.split(",") if x]
+    # The first task is the benched corpus itself (its vectors come from the job); then the ImpliRet subsets.
+    tasks = [(Path(args.data).name, args.data)] + [(f"impliret/{x}", default_data().parent.parent / "impliret" / x)
+                                                   for x in args.quality_impliret.split(",") if x]
     out: dict[str, dict[str, dict]] = {}
     threads = args.threads or os.cpu_count() or 1
     for backend in args.backends:
@@ -382,7 +383,7 @@ def quality(args, corpus_emb: dict[str, dict]) -> dict:
         for name, folder in tasks:
             task = load_beir_folder(folder, benchmark="impliret" if name.startswith("impliret") else "beir")
             docs = None
-            if name == "scifact":
+            if folder == args.data:
                 docs = np.stack([corpus_emb[backend][d] for d in task.corpus.ids])
             qids = list(task.qrels)
             texts = dict(zip(task.queries.ids, task.queries.texts, strict=True))
