@@ -181,20 +181,24 @@ def test_killed_encode_job_resumes_without_loss_or_duplicates(tmp_path, dirty_co
     ref_out, _ = encoded
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "reasonembed.cli", "encode", "--data", str(dirty_corpus), "--out", str(out),
-           "run_id=t", "engine.rows_per_shard=40", "engine.shards_per_round=1"]
+           "run_id=t", "engine.rows_per_shard=10", "engine.shards_per_round=1",
+           # Small shards and windows: all rounds stream through one actor pool, and one default window (1,024
+           # rows) would hold the whole corpus and commit every shard at once, leaving nothing to resume.
+           "engine.window_rows=2"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     stage_dir = out / "t" / "encode"
     deadline = time.time() + 600
     while time.time() < deadline and not list(stage_dir.glob("part-*.parquet")):
-        time.sleep(0.5)
+        time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray processes it started
     proc.wait()
     parts_at_kill = len(list(stage_dir.glob("part-*.parquet")))
-    assert 1 <= parts_at_kill < 4 and not (stage_dir / "_manifest.json").exists()
+    assert parts_at_kill >= 1 and not (stage_dir / "_manifest.json").exists()
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"resumed past {parts_at_kill} shards" in done.stdout
+    assert parts_at_kill < len(list(stage_dir.glob("part-*.parquet"))), "the killed run left shards to do"
     ids, x = encode.load_embeddings(open_run(str(out), "t").stage("encode"))
     ref_ids, ref_x = encode.load_embeddings(open_run(str(ref_out), "t").stage("encode"))
     assert len(ids) == len(set(ids)) == len(ref_ids)

@@ -21,42 +21,63 @@ sys.path.insert(0, str(REPO / "bench"))
 import scale_corpus  # noqa: E402
 
 
-def _counting_builder(texts: list[str], ids: list[str], log: Path):
+def _counting_builder(texts: list[str], ids: list[str], log: Path, bad):
     """A corpus dataset builder whose normalising step appends the rows it saw to ``log`` (one line per batch,
-    written by the Ray worker that ran it): the number of times the corpus was read, measured for real."""
+    written by the Ray worker that ran it): the number of times the corpus was read, measured for real. Rows for
+    which ``bad(index, shard)`` holds become input errors ("empty text")."""
     import ray
 
     def build(n_shards: int):
         def norm(batch):
             with log.open("a") as f:
                 f.write(f"{len(batch['id'])}\n")
-            return {"doc_id": batch["id"], "text": batch["text"], "error": np.array([""] * len(batch["id"]), object),
-                    "shard": np.array([stable_shard(str(i), n_shards) for i in batch["id"]], np.int64)}
+            shard = np.array([stable_shard(str(i), n_shards) for i in batch["id"]], np.int64)
+            error = np.array(["empty text" if bad(int(i[1:]), s) else "" for i, s in zip(batch["id"], shard,
+                                                                                         strict=True)], object)
+            return {"doc_id": batch["id"], "text": batch["text"], "error": error, "shard": shard}
         return ray.data.from_items([{"id": i, "text": t} for i, t in zip(ids, texts, strict=True)]).map_batches(
             norm, batch_format="numpy")
     return build
 
 
-def test_corpus_is_read_once_however_many_rounds(ray_local, tmp_path):
-    """400 documents in 8 shards of 50, 4 shards a round: 2 rounds. Before the fix every round re-read and
-    re-parsed the whole corpus (twice: error rows, then embedded rows), 1,600 row reads: the job was quadratic in
-    the corpus size. Now the corpus is read once, staged by round, and the staging is removed at the end."""
+def _embed_actors_started() -> int:
+    """EmbedActor processes this Ray cluster has started so far, dead or alive. ``ray._private.state`` reads the
+    GCS directly; the public ``ray.util.state`` needs the dashboard, which the test cluster does not run."""
+    from ray._private.state import actors
+
+    return sum("EmbedActor" in a["ActorClassName"] for a in actors().values())
+
+
+def test_corpus_is_read_once_and_one_actor_pool_serves_every_round(ray_local, tmp_path):
+    """400 documents in 8 shards of 50, 2 shards a round: 4 rounds, one of them only input errors, and some error
+    rows in the others. Before the staging fix every round re-read and re-parsed the whole corpus (twice: error rows,
+    then embedded rows): the job was quadratic in the corpus size. Before the single stream each round started its
+    own actor pool (a model load per round; 32 at 1M documents). Now the corpus is read once, staged by round, read
+    back as one stream in round order through one actor, every id lands once (in a part or in errors/), and the
+    staging is removed at the end."""
     n = 400
     scale_corpus.write_synthetic(str(tmp_path / "c"), n)
     import pyarrow.parquet as pq
 
     table = pq.read_table(tmp_path / "c" / "part-00000.parquet")
+    ids = table.column("id").to_pylist()
     log = tmp_path / "reads.txt"
     cfg = EncodeJobConfig(out=str(tmp_path / "out"), run_id="t", embedder={"model": "minilm", "max_length": 16},
-                          engine={"rows_per_shard": 50, "shards_per_round": 4}, index={"build": False})
-    summary = encode.run(cfg, dataset_builder=_counting_builder(table.column("text").to_pylist(),
-                                                                 table.column("id").to_pylist(), log),
+                          engine={"rows_per_shard": 50, "shards_per_round": 2}, index={"build": False})
+    bad = lambda i, shard: shard // 2 == 1 or i % 9 == 0  # noqa: E731
+    expected_bad = {d for d in ids if bad(int(d[1:]), stable_shard(d, 8))}
+    actors_before = _embed_actors_started()
+    summary = encode.run(cfg, dataset_builder=_counting_builder(table.column("text").to_pylist(), ids, log, bad),
                          n_rows=n, inputs={"synthetic": str(n)})
     rows_read = sum(int(x) for x in log.read_text().split())
     assert rows_read == n, f"the corpus was read {rows_read / n:.1f} times"
+    assert _embed_actors_started() - actors_before == 1, "one actor pool of one actor for all 4 rounds"
     stage = open_run(str(tmp_path / "out"), "t").stage("encode")
-    ids = stage.read_parts(columns=["doc_id"]).column("doc_id").to_pylist()
-    assert summary.rows == n and len(ids) == len(set(ids)) == n
+    good = stage.read_parts(columns=["doc_id"]).column("doc_id").to_pylist()
+    errors = stage.read_errors().column("doc_id").to_pylist()
+    assert len(stage.parts()) == 8, "every shard has its part, the all-error round's too"
+    assert len(good) == len(set(good)) == summary.rows == n - len(expected_bad)
+    assert sorted(errors) == sorted(expected_bad) and set(good) | set(errors) == set(ids)
     assert not stage.exists(encode.STAGED)
 
 

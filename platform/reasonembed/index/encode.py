@@ -99,19 +99,6 @@ class EncodeSummary:
                 + (f", resumed past {self.shards_done_before} shards" if self.shards_done_before else ""))
 
 
-def _tag_rows(batch: dict[str, np.ndarray], keys: np.ndarray) -> dict[str, np.ndarray]:
-    """The rows of a round's shards, each with a ``content_key`` (its text and input error) that tells a Ray retry
-    of a row (same key) from another row under the same id (a conflict), and its text under ``doc_text``, which
-    both engines pass through (error rows and stored texts need it after the model consumed ``text``)."""
-    schemas.require_columns("encode", "corpus rows", batch.keys(), schemas.CORPUS_COLUMNS)
-    mask = np.isin(batch["shard"], keys)
-    out = {k: v[mask] for k, v in batch.items()}
-    out["content_key"] = np.array([content_key(t, e) for t, e in zip(out["text"], out["error"], strict=True)],
-                                  dtype=object)
-    out["doc_text"] = np.array([str(t) for t in out["text"]], dtype=object)
-    return out
-
-
 def _settle_repeats(rows: dict[str, list], errors: list[dict]) -> tuple[list[int], list[dict]]:
     """(indices of embedded rows to keep, error rows) of one shard, by the rule of ``reasonembed.repeats``.
 
@@ -190,69 +177,166 @@ def _embed(good, embedder_cfg: EmbedderConfig, engine: EncodeEngineConfig):
     )
 
 
-_ROW_COLUMNS = ("doc_id", "embedding", "n_tokens", "truncated", "content_key", "doc_text")
+def _rows_to_embed(batch: dict[str, np.ndarray], keys: np.ndarray) -> dict[str, np.ndarray]:
+    """The rows of pending shards that have no input error, each with a ``content_key`` (its text) that tells a Ray
+    retry of a row (same key) from another row under the same id (a conflict), and its text under ``doc_text``,
+    which both engines pass through (stored texts and conflict rows need it after the model consumed ``text``)."""
+    schemas.require_columns("encode", "corpus rows", batch.keys(), schemas.CORPUS_COLUMNS)
+    mask = np.isin(batch["shard"], keys) & (batch["error"] == "")
+    out = {k: v[mask] for k, v in batch.items()}
+    out["content_key"] = np.array([content_key(t, e) for t, e in zip(out["text"], out["error"], strict=True)],
+                                  dtype=object)
+    out["doc_text"] = np.array([str(t) for t in out["text"]], dtype=object)
+    return out
 
 
-def _encode_round(sub, round_shards: set[int], embedder_cfg: EmbedderConfig, engine: EncodeEngineConfig, bar):
-    """(embedded rows per shard, input-error rows per shard) of one round's rows."""
-    errors: dict[int, list[dict]] = defaultdict(list)
-    for row in sub.filter(lambda row: row["error"] != "").iter_rows():
-        errors[int(row["shard"])].append({"doc_id": row["doc_id"], "reason": row["error"],
-                                           "text": str(row["text"])[:500], "content_key": row["content_key"]})
-    bar.update(sum(len(v) for v in errors.values()))  # error rows are done too (they go to errors/)
-    out = _embed(sub.filter(lambda row: row["error"] == ""), embedder_cfg, engine)
-    rows: dict[int, dict[str, list]] = {s: defaultdict(list) for s in round_shards}
-    for batch in out.iter_batches(batch_format="numpy", batch_size=None):
-        for i in range(len(batch["doc_id"])):
-            acc = rows[int(batch["shard"][i])]
-            for k in _ROW_COLUMNS:
-                acc[k].append(batch[k][i])
-        bar.update(len(batch["doc_id"]))
-    return rows, errors
+def _add_error_rows(out: dict[int, list[dict]], rows) -> int:
+    """Append input-error rows (dicts with doc_id, text, error, shard) to ``out[shard]``; returns how many."""
+    n = 0
+    for row in rows:
+        out[int(row["shard"])].append({"doc_id": row["doc_id"], "reason": row["error"], "text": str(row["text"])[:500],
+                                       "content_key": content_key(row["text"], row["error"])})
+        n += 1
+    return n
 
 
-STAGED = "_input"  # <stage>/_input/bucket-<b>/<hash>.parquet: the corpus rows of round b, staged once
+STAGED = "_input"  # <stage>/_input/{rows,errors}-<b>/<hash>.parquet: round b's rows to embed and its input errors
 STAGED_DONE = "_input/_complete"
+STAGED_LAYOUT = 2  # 1 (before): one folder a round holding error rows too; a staging of another layout is redone
 
 
 def _write_buckets(batch: pa.Table, fs, base: str, shards_per_round: int, keys: np.ndarray) -> pa.Table:
-    """Write one block's rows of pending shards into their rounds' folders (round = shard // shards_per_round).
-    A file is named by a hash of its ids, so a retried task rewrites the same file instead of adding a copy."""
+    """Write one block's rows of pending shards into their rounds' folders (round = shard // shards_per_round):
+    rows to embed under ``rows-<b>``, input-error rows under ``errors-<b>``. A file is named by a hash of its ids,
+    so a retried task rewrites the same file instead of adding a copy."""
     shard = batch.column("shard").to_numpy()
-    mask = np.isin(shard, keys)
+    pending = np.isin(shard, keys)
+    bad = np.array([e != "" for e in batch.column("error").to_pylist()], dtype=bool)
     rounds = shard // shards_per_round
-    for b in np.unique(rounds[mask]):
-        rows = batch.filter(pa.array(mask & (rounds == b)))
-        name = hashlib.blake2b("\0".join(rows.column("doc_id").to_pylist()).encode(), digest_size=12).hexdigest()
-        fs.create_dir(f"{base}/bucket-{int(b):05d}", recursive=True)
-        pq.write_table(rows, f"{base}/bucket-{int(b):05d}/{name}.parquet", filesystem=fs)
-    return pa.table({"rows": [int(mask.sum())]})
+    for b in np.unique(rounds[pending]):
+        for kind, mask in (("rows", pending & (rounds == b) & ~bad), ("errors", pending & (rounds == b) & bad)):
+            if not mask.any():
+                continue
+            rows = batch.filter(pa.array(mask))
+            name = hashlib.blake2b("\0".join(rows.column("doc_id").to_pylist()).encode(), digest_size=12).hexdigest()
+            fs.create_dir(f"{base}/{kind}-{int(b):05d}", recursive=True)
+            pq.write_table(rows, f"{base}/{kind}-{int(b):05d}/{name}.parquet", filesystem=fs)
+    return pa.table({"rows": [int(pending.sum())]})
 
 
-def _staged_rounds(ds, stage: StageDir, pending: list[int], shards_per_round: int):
-    """``round -> dataset of that round's rows``. With one round, the corpus dataset itself. With several, the
-    corpus is read, parsed and hashed once and its rows written grouped by round under ``<stage>/_input``, so each
-    round reads only its own rows: re-reading the whole corpus every round made the job quadratic in the corpus
-    size (a 1M-document corpus is 32 rounds of 16 shards of 2,000 rows). A resumed run reuses a complete staging
-    (the stage's config and inputs are the same, ``StageDir.begin`` checks that) and redoes an incomplete one."""
+@dataclass
+class _Input:
+    """The encode job's input: every pending row to embed as one dataset whose rows come round after round, and
+    the input-error rows of a round (``errors(b)``: shard -> rows)."""
+
+    rows: object  # a Ray Dataset, or None when no row is left to embed
+    errors: object  # Callable[[int], dict[int, list[dict]]]
+
+
+def _staged_input(ds, stage: StageDir, pending: list[int], shards_per_round: int) -> _Input:
+    """With one round, the corpus dataset itself (read twice: its error rows, then its rows to embed). With several,
+    the corpus is read, parsed and hashed once and its rows written grouped by round under ``<stage>/_input``; the
+    rows to embed are then read back as one dataset in round order, so one actor pool (one model load per replica)
+    serves every round while the driver holds one round's embeddings. Re-reading the corpus every round made the
+    job quadratic in its size (1M documents are 32 rounds), and one pool per round loaded the model 32 times. A
+    resumed run reuses a complete staging (the stage's config and inputs are the same, ``StageDir.begin`` checks
+    that) and redoes an incomplete one."""
     import ray
 
+    keys = np.array(sorted(pending))
     if len({s // shards_per_round for s in pending}) <= 1:
-        return lambda b: ds
-    if not stage.exists(STAGED_DONE):
+        errors: dict[int, list[dict]] = defaultdict(list)
+        _add_error_rows(errors, ds.filter(lambda row: row["error"] != "" and row["shard"] in keys).iter_rows())
+        return _Input(ds.map_batches(_rows_to_embed, fn_kwargs={"keys": keys}, batch_format="numpy"),
+                      lambda b: errors)
+    if not stage.exists(STAGED_DONE) or stage.read_json(STAGED_DONE).get("layout") != STAGED_LAYOUT:
         stage.delete(STAGED)
-        keys = np.array(sorted(pending))
         written = ds.map_batches(_write_buckets, batch_format="pyarrow", batch_size=None,
                                  fn_kwargs={"fs": stage.fs, "base": stage._p(STAGED),
                                             "shards_per_round": shards_per_round, "keys": keys})
         log.info("staged %d rows of %d pending shards by round", written.sum("rows") or 0, len(keys))
-        stage.write_json(STAGED_DONE, {"shards": len(keys)})
+        stage.write_json(STAGED_DONE, {"shards": len(keys), "layout": STAGED_LAYOUT})
 
-    def round_ds(b: int):
-        folder = f"{STAGED}/bucket-{b:05d}"
-        files = [stage._p(f"{folder}/{n}") for n in stage.list(folder, ".parquet")]
-        return ray.data.read_parquet(files, filesystem=stage.fs)
-    return round_ds
+    def errors_of(b: int) -> dict[int, list[dict]]:
+        out: dict[int, list[dict]] = defaultdict(list)
+        for n in stage.list(f"{STAGED}/errors-{b:05d}", ".parquet"):
+            table = pq.read_table(stage._p(f"{STAGED}/errors-{b:05d}/{n}"), filesystem=stage.fs,
+                                  columns=["doc_id", "text", "error", "shard"])
+            _add_error_rows(out, table.to_pylist())
+        return out
+
+    rounds = sorted({s // shards_per_round for s in pending})
+    files = [stage._p(f"{STAGED}/rows-{b:05d}/{n}") for b in rounds for n in stage.list(f"{STAGED}/rows-{b:05d}",
+                                                                                       ".parquet")]
+    if not files:
+        return _Input(None, errors_of)
+    rows = ray.data.read_parquet(files, filesystem=stage.fs).map_batches(
+        _rows_to_embed, fn_kwargs={"keys": keys}, batch_format="numpy")
+    # Rows must leave the pipeline in file order (round after round) for the driver to know a round is complete
+    # when the next one starts. This dataset's context is its own copy (read_parquet copies the current one).
+    rows.context.execution_options.preserve_order = True
+    return _Input(rows, errors_of)
+
+
+_ROW_COLUMNS = ("doc_id", "embedding", "n_tokens", "truncated", "content_key", "doc_text")
+
+
+class _RoundCommitter:
+    """Collects the embedded rows of the round being streamed and commits rounds in order: a round is complete
+    once a row of a later round arrives (the input is ordered by round), or at the end of the stream. A round with
+    no row to embed (all its rows were input errors) is committed when a later round starts, like any other."""
+
+    def __init__(self, stage: StageDir, rounds: dict[int, set[int]], inp: _Input, embedder_cfg: EmbedderConfig,
+                 store_texts: bool, bar):
+        self.stage, self.rounds, self.inp, self.bar = stage, rounds, inp, bar
+        self.embedder_cfg, self.store_texts = embedder_cfg, store_texts
+        self.order = sorted(rounds)
+        self.next = 0  # index in ``order`` of the first round not committed yet
+        self.current: int | None = None
+        self.rows: dict[int, dict[str, list]] = {}
+        self.width = 0  # learnt from the first embedded row; only needed for a part with none
+
+    def add(self, batch: dict[str, np.ndarray], shards_per_round: int) -> None:
+        rnd = batch["shard"] // shards_per_round
+        for b in sorted({int(x) for x in rnd}):
+            self._start(b)
+            for s in {int(x) for x in batch["shard"][rnd == b]}:
+                idx = np.flatnonzero(batch["shard"] == s)
+                acc = self.rows[s]
+                for k in _ROW_COLUMNS:
+                    acc[k].extend(batch[k][idx])
+        if not self.width and len(batch["doc_id"]):
+            self.width = int(batch["embedding"].shape[1])
+        self.bar.update(len(batch["doc_id"]))
+
+    def _start(self, b: int) -> None:
+        """Make ``b`` the round being collected, committing every earlier one."""
+        if b == self.current:
+            return
+        if self.next >= len(self.order) or b < self.order[self.next]:
+            raise RuntimeError(f"encode: rows of round {b} arrived after it was committed; the engine did not keep "
+                               "the input order (nothing was lost: re-run to redo the uncommitted shards)")
+        while self.order[self.next] < b:
+            self._commit(self.order[self.next])
+        self.current = b
+        self.rows = {s: defaultdict(list) for s in self.rounds[b]}
+
+    def finish(self) -> None:
+        while self.next < len(self.order):
+            self._commit(self.order[self.next])
+
+    def _commit(self, b: int) -> None:
+        rows = self.rows if b == self.current else {}
+        errors = self.inp.errors(b)
+        self.bar.update(sum(len(v) for v in errors.values()))  # error rows are done too (they go to errors/)
+        for s in sorted(self.rounds[b]):
+            acc = rows.get(s) or defaultdict(list)
+            if not acc["doc_id"] and not self.width:
+                self.width = _model_width(self.stage, self.embedder_cfg)
+            _commit_shard(self.stage, s, acc, errors.get(s, []), self.width, self.store_texts)
+        self.next += 1
+        log.info("committed round %d/%d (%d shards)", self.next, len(self.order), len(self.rounds[b]))
+        self.bar.set_postfix(f"round {min(self.next + 1, len(self.order))}/{len(self.order)}")
 
 
 def encode_dataset(
@@ -261,33 +345,33 @@ def encode_dataset(
 ) -> tuple[int, float]:
     """Encode every pending shard of a normalised dataset (doc_id, text, error, shard) into ``stage``.
 
-    A round is the pending shards among ``shards_per_round`` consecutive shard numbers; the driver holds one
-    round's rows. The parts' embedding width is the width of the embedded rows themselves (no model probe in the
-    driver). Returns (shards already done before this run, seconds spent encoding).
+    A round is the pending shards among ``shards_per_round`` consecutive shard numbers. All rounds stream through
+    one engine (one actor pool, or the Serve replicas) in round order; the driver holds one round's rows and
+    commits the round's shards when the next round's rows begin. The parts' embedding width is the width of the
+    embedded rows themselves (no model probe in the driver). Returns (shards already done before this run, seconds
+    spent encoding).
     """
     n_shards = max(1, math.ceil(n_rows / engine.rows_per_shard))
     done = {int(s) for s in stage.done_shards()}
     pending = [s for s in range(n_shards) if s not in done]
     t0 = time.time()
-    round_ds = _staged_rounds(build_ds(n_shards), stage, pending, engine.shards_per_round) if pending else None
+    if not pending:
+        stage.delete(STAGED)
+        return len(done), 0.0
+    inp = _staged_input(build_ds(n_shards), stage, pending, engine.shards_per_round)
+    rounds: dict[int, set[int]] = defaultdict(set)
+    for s in pending:
+        rounds[s // engine.shards_per_round].add(s)
     # Rows of the pending shards: exact on a fresh run; on a resume, estimated from the shard count (a document's
     # shard is a hash of its id, so shards hold about the same number of rows) and corrected at the end.
     total = n_rows if not done else round(n_rows * len(pending) / n_shards)
-    rounds = sorted({s // engine.shards_per_round for s in pending})
-    width = 0  # learnt from the first embedded row; only needed for a part with none
+    log.info("encoding %d shards in %d rounds", len(pending), len(rounds))
     with progress.step(stage.stage, total=total, unit="rows") as bar:
-        for r, b in enumerate(rounds):
-            round_shards = {s for s in pending if s // engine.shards_per_round == b}
-            log.info("encoding shards %s (round %d/%d)", sorted(round_shards), r + 1, len(rounds))
-            bar.set_postfix(f"round {r + 1}/{len(rounds)}, {len(round_shards)} shards")
-            sub = round_ds(b).map_batches(_tag_rows, fn_kwargs={"keys": np.array(sorted(round_shards))},
-                                          batch_format="numpy")
-            rows, errors = _encode_round(sub, round_shards, embedder_cfg, engine, bar)
-            width = width or next((len(acc["embedding"][0]) for acc in rows.values() if acc["embedding"]), 0)
-            for s in sorted(round_shards):
-                if not rows[s]["doc_id"] and not width:
-                    width = _model_width(stage, embedder_cfg)
-                _commit_shard(stage, s, rows[s], errors.get(s, []), width, store_texts)
+        committer = _RoundCommitter(stage, rounds, inp, embedder_cfg, store_texts, bar)
+        if inp.rows is not None:
+            for batch in _embed(inp.rows, embedder_cfg, engine).iter_batches(batch_format="numpy", batch_size=None):
+                committer.add(batch, engine.shards_per_round)
+        committer.finish()
         bar.set_total(bar.n)  # exact now (estimated on a resume)
     stage.delete(STAGED)  # every shard is committed: the staged rows are spent
     return len(done), time.time() - t0
