@@ -129,3 +129,39 @@ def test_build_index_streams_the_parts(ray_local, tmp_path):
     ids, x = encode.load_embeddings(stage)
     built = SearchIndex.load(uri)
     assert built.doc_ids == ids and built.search(x[:20], 5) == SearchIndex.build(x, ids).search(x[:20], 5)
+
+
+def _private_mb() -> float:
+    import psutil
+
+    m = psutil.Process().memory_info()
+    return (m.rss - m.shared) / 2**20
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="malloc_trim is glibc's")
+def test_trim_heap_gives_freed_heap_pages_back():
+    """What keeps the one long-lived EmbedActor flat: 160 MB of heap blocks (64 KiB each, under glibc's mmap
+    threshold, so they come from the heap) are written and freed except the last one, which pins the heap's top so
+    glibc cannot shrink it on its own; the freed pages stay in the process until ``trim_heap`` returns them."""
+    import ctypes
+    import ctypes.util
+
+    from reasonembed.heap import trim_heap
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    size = 64 * 1024
+    trim_heap()
+    before = _private_mb()
+    blocks = [libc.malloc(size) for _ in range(2560)]
+    for b in blocks:
+        ctypes.memset(b, 1, size)
+    for b in blocks[:-1]:
+        libc.free(b)
+    held = _private_mb()
+    assert trim_heap() is True
+    after = _private_mb()
+    libc.free(blocks[-1])
+    assert held - before > 120, f"the freed blocks stay in the process: {before:.0f} -> {held:.0f} MB"
+    assert held - after > 120, f"trim_heap returned them: {held:.0f} -> {after:.0f} MB"

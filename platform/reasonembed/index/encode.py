@@ -59,12 +59,15 @@ class EmbedActor:
     and runs token-budget batches (``Embedder.encode_ids``), so padding stays small even in a stream.
 
     Output: every input column except ``text`` (the shard, the content key, the kept text pass through, as with
-    the Serve backend's ``ServeEmbedder``), plus ``embedding``, ``n_tokens`` and ``truncated``."""
+    the Serve backend's ``ServeEmbedder``), plus ``embedding``, ``n_tokens`` and ``truncated``. With ``trim_heap``
+    the freed memory of each window goes back to the OS (``reasonembed.heap``): one actor serves the whole job, and
+    without it its memory grows with the rows it has seen before levelling off."""
 
-    def __init__(self, embedder_cfg: EmbedderConfig):
+    def __init__(self, embedder_cfg: EmbedderConfig, trim_heap: bool = True):
         from reasonembed.models.embedder import Embedder
 
         self.embedder = Embedder(embedder_cfg)
+        self.trim_heap = trim_heap
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         texts = [str(t) for t in batch["text"]]
@@ -73,6 +76,10 @@ class EmbedActor:
         out = {k: v for k, v in batch.items() if k != "text"}
         out.update(embedding=res.embeddings, n_tokens=np.array([len(x) for x in ids], dtype=np.int32),
                    truncated=np.array(flags, dtype=bool))
+        if self.trim_heap:
+            from reasonembed.heap import trim_heap
+
+            trim_heap()
         return out
 
 @dataclass
@@ -166,7 +173,7 @@ def _embed(good, embedder_cfg: EmbedderConfig, engine: EncodeEngineConfig):
         return serve_encode(good, engine.serve_app, engine.window_rows)
     return good.map_batches(
         EmbedActor,
-        fn_constructor_kwargs={"embedder_cfg": _actor_cfg(embedder_cfg, engine)},
+        fn_constructor_kwargs={"embedder_cfg": _actor_cfg(embedder_cfg, engine), "trim_heap": engine.trim_heap},
         compute=ray.data.ActorPoolStrategy(size=engine.actors),
         batch_size=engine.window_rows,
         batch_format="numpy",
