@@ -48,13 +48,13 @@ def _embed_actors_started() -> int:
     return sum("EmbedActor" in a["ActorClassName"] for a in actors().values())
 
 
-def test_corpus_is_read_once_and_one_actor_pool_serves_every_round(ray_local, tmp_path):
+def test_corpus_is_read_once_and_one_actor_pool_serves_a_group_of_rounds(ray_local, tmp_path):
     """400 documents in 8 shards of 50, 2 shards a round: 4 rounds, one of them only input errors, and some error
-    rows in the others. Before the staging fix every round re-read and re-parsed the whole corpus (twice: error rows,
-    then embedded rows): the job was quadratic in the corpus size. Before the single stream each round started its
-    own actor pool (a model load per round; 32 at 1M documents). Now the corpus is read once, staged by round, read
-    back as one stream in round order through one actor, every id lands once (in a part or in errors/), and the
-    staging is removed at the end."""
+    rows in the others; 2 rounds a pool. Before the staging fix every round re-read and re-parsed the whole corpus
+    (twice: error rows, then embedded rows): the job was quadratic in the corpus size. Before the grouped stream each
+    round started its own actor pool (a model load per round; 32 at 1M documents). Now the corpus is read once,
+    staged by round, read back as one stream per group of rounds in round order through one actor, every id lands
+    once (in a part or in errors/), and the staging is removed at the end."""
     n = 400
     scale_corpus.write_synthetic(str(tmp_path / "c"), n)
     import pyarrow.parquet as pq
@@ -63,7 +63,8 @@ def test_corpus_is_read_once_and_one_actor_pool_serves_every_round(ray_local, tm
     ids = table.column("id").to_pylist()
     log = tmp_path / "reads.txt"
     cfg = EncodeJobConfig(out=str(tmp_path / "out"), run_id="t", embedder={"model": "minilm", "max_length": 16},
-                          engine={"rows_per_shard": 50, "shards_per_round": 2}, index={"build": False})
+                          engine={"rows_per_shard": 50, "shards_per_round": 2, "rounds_per_pool": 2},
+                          index={"build": False})
     bad = lambda i, shard: shard // 2 == 1 or i % 9 == 0  # noqa: E731
     expected_bad = {d for d in ids if bad(int(d[1:]), stable_shard(d, 8))}
     actors_before = _embed_actors_started()
@@ -71,7 +72,7 @@ def test_corpus_is_read_once_and_one_actor_pool_serves_every_round(ray_local, tm
                          n_rows=n, inputs={"synthetic": str(n)})
     rows_read = sum(int(x) for x in log.read_text().split())
     assert rows_read == n, f"the corpus was read {rows_read / n:.1f} times"
-    assert _embed_actors_started() - actors_before == 1, "one actor pool of one actor for all 4 rounds"
+    assert _embed_actors_started() - actors_before == 2, "one pool of one actor for each 2 of the 4 rounds"
     stage = open_run(str(tmp_path / "out"), "t").stage("encode")
     good = stage.read_parts(columns=["doc_id"]).column("doc_id").to_pylist()
     errors = stage.read_errors().column("doc_id").to_pylist()

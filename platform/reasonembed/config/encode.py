@@ -45,6 +45,12 @@ class EncodeEngineConfig(StrictModel):
         None, ge=1, description="torch threads per CPU actor (None: the node's cores divided by actors)."
     )
     num_gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per actor (0 on CPU).")
+    rounds_per_pool: int = Field(
+        4, ge=0, description="Rounds one actor pool serves before the next group of rounds starts a fresh one "
+        "(0: one pool for the whole job). A Ray Data 2.60 map actor keeps memory in proportion to the output it "
+        "has returned (measured: +1 MB private memory per 1 MB of output, docs/scale.md), so a pool that lives for "
+        "the whole job grows with the corpus; a fresh pool every few rounds bounds that, at one model load per pool."
+    )
     trim_heap: bool = Field(
         True, description="Give freed heap memory back to the OS after every window (glibc malloc_trim), so a "
         "long-lived actor's memory stays flat; measured cost about 10 % on a tiny model, less on real ones "

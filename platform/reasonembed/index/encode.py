@@ -233,29 +233,30 @@ def _write_buckets(batch: pa.Table, fs, base: str, shards_per_round: int, keys: 
 
 @dataclass
 class _Input:
-    """The encode job's input: every pending row to embed as one dataset whose rows come round after round, and
-    the input-error rows of a round (``errors(b)``: shard -> rows)."""
+    """The encode job's input: ``rows(rounds)`` is every pending row to embed of those rounds as one dataset whose
+    rows come round after round (None when there is none), and ``errors(b)`` the input-error rows of round ``b``
+    (shard -> rows)."""
 
-    rows: object  # a Ray Dataset, or None when no row is left to embed
+    rows: object  # Callable[[list[int]], Dataset | None]
     errors: object  # Callable[[int], dict[int, list[dict]]]
 
 
 def _staged_input(ds, stage: StageDir, pending: list[int], shards_per_round: int) -> _Input:
     """With one round, the corpus dataset itself (read twice: its error rows, then its rows to embed). With several,
     the corpus is read, parsed and hashed once and its rows written grouped by round under ``<stage>/_input``; the
-    rows to embed are then read back as one dataset in round order, so one actor pool (one model load per replica)
-    serves every round while the driver holds one round's embeddings. Re-reading the corpus every round made the
-    job quadratic in its size (1M documents are 32 rounds), and one pool per round loaded the model 32 times. A
-    resumed run reuses a complete staging (the stage's config and inputs are the same, ``StageDir.begin`` checks
-    that) and redoes an incomplete one."""
+    rows to embed of a group of rounds are then read back as one dataset in round order, so one actor pool (one
+    model load per replica) serves the group while the driver holds one round's embeddings. Re-reading the corpus
+    every round made the job quadratic in its size (1M documents are 32 rounds). A resumed run reuses a complete
+    staging (the stage's config and inputs are the same, ``StageDir.begin`` checks that) and redoes an incomplete
+    one."""
     import ray
 
     keys = np.array(sorted(pending))
     if len({s // shards_per_round for s in pending}) <= 1:
         errors: dict[int, list[dict]] = defaultdict(list)
         _add_error_rows(errors, ds.filter(lambda row: row["error"] != "" and row["shard"] in keys).iter_rows())
-        return _Input(ds.map_batches(_rows_to_embed, fn_kwargs={"keys": keys}, batch_format="numpy"),
-                      lambda b: errors)
+        rows = ds.map_batches(_rows_to_embed, fn_kwargs={"keys": keys}, batch_format="numpy")
+        return _Input(lambda rounds: rows, lambda b: errors)
     if not stage.exists(STAGED_DONE) or stage.read_json(STAGED_DONE).get("layout") != STAGED_LAYOUT:
         stage.delete(STAGED)
         written = ds.map_batches(_write_buckets, batch_format="pyarrow", batch_size=None,
@@ -272,17 +273,18 @@ def _staged_input(ds, stage: StageDir, pending: list[int], shards_per_round: int
             _add_error_rows(out, table.to_pylist())
         return out
 
-    rounds = sorted({s // shards_per_round for s in pending})
-    files = [stage._p(f"{STAGED}/rows-{b:05d}/{n}") for b in rounds for n in stage.list(f"{STAGED}/rows-{b:05d}",
-                                                                                       ".parquet")]
-    if not files:
-        return _Input(None, errors_of)
-    rows = ray.data.read_parquet(files, filesystem=stage.fs).map_batches(
-        _rows_to_embed, fn_kwargs={"keys": keys}, batch_format="numpy")
-    # Rows must leave the pipeline in file order (round after round) for the driver to know a round is complete
-    # when the next one starts. This dataset's context is its own copy (read_parquet copies the current one).
-    rows.context.execution_options.preserve_order = True
-    return _Input(rows, errors_of)
+    def rows_of(rounds: list[int]):
+        files = [stage._p(f"{STAGED}/rows-{b:05d}/{n}") for b in rounds
+                 for n in stage.list(f"{STAGED}/rows-{b:05d}", ".parquet")]
+        if not files:
+            return None
+        rows = ray.data.read_parquet(files, filesystem=stage.fs).map_batches(
+            _rows_to_embed, fn_kwargs={"keys": keys}, batch_format="numpy")
+        # Rows must leave the pipeline in file order (round after round) for the driver to know a round is
+        # complete when the next one starts. The dataset's context is its own copy (read_parquet copies it).
+        rows.context.execution_options.preserve_order = True
+        return rows
+    return _Input(rows_of, errors_of)
 
 
 _ROW_COLUMNS = ("doc_id", "embedding", "n_tokens", "truncated", "content_key", "doc_text")
@@ -328,8 +330,9 @@ class _RoundCommitter:
         self.current = b
         self.rows = {s: defaultdict(list) for s in self.rounds[b]}
 
-    def finish(self) -> None:
-        while self.next < len(self.order):
+    def finish(self, last: int | None = None) -> None:
+        """Commit every round up to ``last`` (None: all): the stream that carried them has ended."""
+        while self.next < len(self.order) and (last is None or self.order[self.next] <= last):
             self._commit(self.order[self.next])
 
     def _commit(self, b: int) -> None:
@@ -352,11 +355,11 @@ def encode_dataset(
 ) -> tuple[int, float]:
     """Encode every pending shard of a normalised dataset (doc_id, text, error, shard) into ``stage``.
 
-    A round is the pending shards among ``shards_per_round`` consecutive shard numbers. All rounds stream through
-    one engine (one actor pool, or the Serve replicas) in round order; the driver holds one round's rows and
-    commits the round's shards when the next round's rows begin. The parts' embedding width is the width of the
-    embedded rows themselves (no model probe in the driver). Returns (shards already done before this run, seconds
-    spent encoding).
+    A round is the pending shards among ``shards_per_round`` consecutive shard numbers. Each group of
+    ``engine.rounds_per_pool`` rounds streams through one engine (one actor pool, or the Serve backend's client
+    pool) in round order; the driver holds one round's rows and commits the round's shards when the next round's
+    rows begin. The parts' embedding width is the width of the embedded rows themselves (no model probe in the
+    driver). Returns (shards already done before this run, seconds spent encoding).
     """
     n_shards = max(1, math.ceil(n_rows / engine.rows_per_shard))
     done = {int(s) for s in stage.done_shards()}
@@ -375,9 +378,15 @@ def encode_dataset(
     log.info("encoding %d shards in %d rounds", len(pending), len(rounds))
     with progress.step(stage.stage, total=total, unit="rows") as bar:
         committer = _RoundCommitter(stage, rounds, inp, embedder_cfg, store_texts, bar)
-        if inp.rows is not None:
-            for batch in _embed(inp.rows, embedder_cfg, engine).iter_batches(batch_format="numpy", batch_size=None):
-                committer.add(batch, engine.shards_per_round)
+        order = sorted(rounds)
+        step = engine.rounds_per_pool or len(order)
+        for i in range(0, len(order), step):
+            group = order[i:i + step]
+            rows = inp.rows(group)
+            if rows is not None:
+                for batch in _embed(rows, embedder_cfg, engine).iter_batches(batch_format="numpy", batch_size=None):
+                    committer.add(batch, engine.shards_per_round)
+            committer.finish(group[-1])
         committer.finish()
         bar.set_total(bar.n)  # exact now (estimated on a resume)
     stage.delete(STAGED)  # every shard is committed: the staged rows are spent
