@@ -33,6 +33,7 @@ from reasonembed import progress, schemas
 from reasonembed.config.base import StorageConfig
 from reasonembed.config.embedder import EmbedderConfig
 from reasonembed.config.encode import EncodeEngineConfig, EncodeJobConfig, IndexConfig
+from reasonembed.heap import trim_heap
 from reasonembed.index.faiss_index import TEXTS, IndexSpec, SearchIndex
 from reasonembed.repeats import CONFLICTING_ID, content_key, split_repeats
 from reasonembed.storage import Location, StageDir
@@ -77,8 +78,6 @@ class EmbedActor:
         out.update(embedding=res.embeddings, n_tokens=np.array([len(x) for x in ids], dtype=np.int32),
                    truncated=np.array(flags, dtype=bool))
         if self.trim_heap:
-            from reasonembed.heap import trim_heap
-
             trim_heap()
         return out
 
@@ -345,6 +344,8 @@ class _RoundCommitter:
                 self.width = _model_width(self.stage, self.embedder_cfg)
             _commit_shard(self.stage, s, acc, errors.get(s, []), self.width, self.store_texts)
         self.next += 1
+        self.rows = {} if b == self.current else self.rows
+        trim_heap()  # the round's rows are freed: give their pages back, so the driver stays at one round's size
         log.info("committed round %d/%d (%d shards)", self.next, len(self.order), len(self.rounds[b]))
         self.bar.set_postfix(f"round {min(self.next + 1, len(self.order))}/{len(self.order)}")
 
