@@ -67,6 +67,7 @@ class TreeSampler:
         self.period = period
         self.peak: dict[int, int] = {}
         self.private: dict[int, int] = {}
+        self.peak_name: dict[int, str] = {}
         self.names: dict[int, str] = {}
         self.stop_event = threading.Event()
         self.thread = threading.Thread(target=self._loop, daemon=True)
@@ -94,7 +95,8 @@ class TreeSampler:
                     self.names[p.pid] = " ".join(p.cmdline()[:2])[:160]
                 except psutil.Error:
                     continue
-                self.peak[p.pid] = max(self.peak.get(p.pid, 0), mem.rss)
+                if mem.rss > self.peak.get(p.pid, 0):  # a reused task worker changes name: keep the one at its peak
+                    self.peak[p.pid], self.peak_name[p.pid] = mem.rss, self.names[p.pid]
                 self.private[p.pid] = max(self.private.get(p.pid, 0), mem.rss - mem.shared)
             self.stop_event.wait(self.period)
 
@@ -111,7 +113,7 @@ class TreeSampler:
                 "worker_private_max_mb": round(max(private.values(), default=0) / mb, 1),
                 # Which processes peaked (before one stream served every round, the job started one EmbedActor
                 # per round, and the largest worker was the largest of as many actor processes as rounds).
-                "worker_top": [[self.names[pid], round(workers[pid] / mb, 1)] for pid in top[:5]],
+                "worker_top": [[self.peak_name.get(pid, self.names[pid]), round(workers[pid] / mb, 1)] for pid in top[:5]],
                 "embed_actors": len(actors),
                 "embed_actor_median_mb": round(float(np.median(actors)) / mb, 1) if actors else None,
                 "worker_peaks_mb": sorted((round(v / mb, 1) for v in workers.values()), reverse=True)}

@@ -227,6 +227,7 @@ def _write_buckets(batch: pa.Table, fs, base: str, shards_per_round: int, keys: 
             name = hashlib.blake2b("\0".join(rows.column("doc_id").to_pylist()).encode(), digest_size=12).hexdigest()
             fs.create_dir(f"{base}/{kind}-{int(b):05d}", recursive=True)
             pq.write_table(rows, f"{base}/{kind}-{int(b):05d}/{name}.parquet", filesystem=fs)
+    trim_heap()  # Ray reuses this worker for every corpus file: without it, it grows with the number of files
     return pa.table({"rows": [int(pending.sum())]})
 
 
@@ -311,8 +312,8 @@ class _RoundCommitter:
             for s in {int(x) for x in batch["shard"][rnd == b]}:
                 idx = np.flatnonzero(batch["shard"] == s)
                 acc = self.rows[s]
-                for k in _ROW_COLUMNS:
-                    acc[k].extend(batch[k][idx])
+                for k in _ROW_COLUMNS:  # one array slice per batch, not one Python object per row and column
+                    acc[k].append(batch[k][idx])
         if not self.width and len(batch["doc_id"]):
             self.width = int(batch["embedding"].shape[1])
         self.bar.update(len(batch["doc_id"]))
@@ -339,8 +340,9 @@ class _RoundCommitter:
         errors = self.inp.errors(b)
         self.bar.update(sum(len(v) for v in errors.values()))  # error rows are done too (they go to errors/)
         for s in sorted(self.rounds[b]):
-            acc = rows.get(s) or defaultdict(list)
-            if not acc["doc_id"] and not self.width:
+            chunks = rows.get(s, {})
+            acc = {k: np.concatenate(chunks[k]) if chunks.get(k) else np.zeros(0) for k in _ROW_COLUMNS}
+            if not len(acc["doc_id"]) and not self.width:
                 self.width = _model_width(self.stage, self.embedder_cfg)
             _commit_shard(self.stage, s, acc, errors.get(s, []), self.width, self.store_texts)
         self.next += 1
