@@ -9,9 +9,9 @@ with the heap trimmed after every window (``reasonembed.heap``). This script iso
 cases return the same arrays (float32 [1024, dim], fresh each call) and sample the actor's private memory every 20
 calls:
 
-- ``ray-data``: ``ray.data.range(calls * 1024).map_batches(Actor, ActorPoolStrategy(size=1), batch_size=1024)``,
-  consumed with ``iter_batches`` by the driver, as the encode job does;
-- ``ray-data-task``: the same through a function UDF (Ray Data tasks, whose worker processes Ray reuses);
+- ``ray-data``: ``map_batches(Actor, ActorPoolStrategy(size=1), batch_size=1024)`` over parquet files of 10,240
+  rows (id, text; the shape of the encode job's staged input) and, apart, over ``ray.data.range``, consumed with
+  ``iter_batches`` by the driver, as the encode job does;
 - ``ray-core``: a plain actor whose streaming generator method (``num_returns="streaming"``) yields the same
   arrays, consumed and dropped by the driver one by one.
 
@@ -52,36 +52,30 @@ class _DataActor:
                 "call": np.full(n, self.calls, np.int32), "private_mb": np.full(n, mem, np.float32)}
 
 
-def _task_udf(batch: dict[str, np.ndarray], dim: int) -> dict[str, np.ndarray]:
-    """The same output from a Ray Data *task* (a function UDF): task workers are reused from task to task, so what
-    a worker keeps accumulates the same way. The worker's pid and call count let the driver follow one process."""
-    import os
-
-    global _TASK_CALLS
-    _TASK_CALLS = globals().get("_TASK_CALLS", 0) + 1
-    n = len(batch["id"])
-    return {"emb": np.random.default_rng(_TASK_CALLS).random((n, dim), dtype=np.float32),
-            "call": np.full(n, _TASK_CALLS, np.int32), "pid": np.full(n, os.getpid(), np.int64),
-            "private_mb": np.full(n, _private_mb(), np.float32)}
-
-
-def ray_data_task_case(calls: int, dim: int) -> list[tuple[int, float]]:
-    """Samples of the task worker that ran the most calls (one block of 1,024 rows a task)."""
+def _parquet_input(calls: int, folder: str):
+    """``calls * 1,024`` rows (id, a 40-word text) in parquet files of 10,240 rows: the shape of the encode job's
+    input (its staged rounds)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
     import ray
 
-    ds = ray.data.range(calls * 1024, override_num_blocks=calls).map_batches(
-        _task_udf, fn_kwargs={"dim": dim}, batch_size=None, batch_format="numpy")
-    by_pid: dict[int, dict[int, float]] = {}
-    for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
-        for p, c, m in zip(batch["pid"], batch["call"], batch["private_mb"], strict=True):
-            by_pid.setdefault(int(p), {})[int(c)] = float(m)
-    return sorted(max(by_pid.values(), key=len).items())
+    rng = np.random.default_rng(0)
+    words = np.array([f"w{i}" for i in range(5000)])
+    for k in range(0, calls * 1024, 10_240):
+        n = min(10_240, calls * 1024 - k)
+        texts = [" ".join(rng.choice(words, 40)) for _ in range(n)]
+        pq.write_table(pa.table({"id": np.arange(k, k + n), "text": texts}), f"{folder}/part-{k:08d}.parquet")
+    return ray.data.read_parquet(folder)
 
 
-def ray_data_case(calls: int, dim: int) -> list[tuple[int, float]]:
+def ray_data_case(calls: int, dim: int, source: str = "parquet") -> list[tuple[int, float]]:
+    import tempfile
+
     import ray
 
-    ds = ray.data.range(calls * 1024).map_batches(
+    tmp = tempfile.TemporaryDirectory()
+    ds = _parquet_input(calls, tmp.name) if source == "parquet" else ray.data.range(calls * 1024)
+    ds = ds.map_batches(
         _DataActor, fn_constructor_kwargs={"dim": dim}, compute=ray.data.ActorPoolStrategy(size=1),
         batch_size=1024, batch_format="numpy")
     samples = {}
@@ -89,6 +83,7 @@ def ray_data_case(calls: int, dim: int) -> list[tuple[int, float]]:
         for c, m in zip(batch["call"], batch["private_mb"], strict=True):
             if m >= 0:
                 samples[int(c)] = float(m)
+    tmp.cleanup()
     return sorted(samples.items())
 
 
@@ -140,8 +135,10 @@ def main(argv: list[str] | None = None) -> int:
     ray.data.DataContext.get_current().enable_progress_bars = False
     out_mb = 1024 * args.dim * 4 / 2**20
     result = {"ray": ray.__version__, "calls": args.calls, "output_mib_per_call": out_mb}
-    for name, case in (("ray-data", ray_data_case), ("ray-data-task", ray_data_task_case),
-                       ("ray-core", ray_core_case)):
+    cases = (("ray-data, parquet input", ray_data_case),
+             ("ray-data, range input", lambda c, d: ray_data_case(c, d, "range")),
+             ("ray-core", ray_core_case))
+    for name, case in cases:
         samples = case(args.calls, args.dim)
         result[name] = {"samples": samples, "mib_per_call": round(slope(samples), 3)}
         print(f"[actor-memory] {name}: private memory {samples[0][1]:.0f} -> {samples[-1][1]:.0f} MiB over "

@@ -7,9 +7,6 @@ memory grows for tens of thousands of rows before it levels off (see pytorch/pyt
 https://github.com/pytorch/pytorch/issues/27971). ``malloc_trim(0)`` returns every whole free page of every arena
 (https://man7.org/linux/man-pages/man3/malloc_trim.3.html).
 
-Reused Ray task workers grow the same way: the staging task of the encode job (read, parse, hash and write one
-corpus file) ran in a worker that reached 949 MB after 30 files and 1,192 MB after 100 before it trimmed.
-
 Measured here (docs/scale.md, "The embedding actor's memory"): the tiny scale-bench encoder over 60k rows in
 1,024-row windows grew 520 -> 600-715 MB private memory without trimming and stayed at 464-474 MB with a trim after
 every window, at a cost of about 10 % in its time (a model that small spends little time per window; a real model
@@ -40,12 +37,7 @@ _MALLOC_TRIM = _resolve_trim()
 
 
 def trim_heap() -> bool:
-    """Return the free pages of the C heap to the OS, and ask Arrow's memory pool (mimalloc or jemalloc, apart from
-    the C heap) to do the same (``pyarrow.MemoryPool.release_unused``). True if the C heap could be trimmed (glibc),
-    False where that part is a no-op."""
-    import pyarrow as pa
-
-    pa.default_memory_pool().release_unused()
+    """Return the free pages of the C heap to the OS. True if the platform can (glibc), False where it is a no-op."""
     if _MALLOC_TRIM is None:
         return False
     _MALLOC_TRIM(0)

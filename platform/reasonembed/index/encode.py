@@ -227,7 +227,6 @@ def _write_buckets(batch: pa.Table, fs, base: str, shards_per_round: int, keys: 
             name = hashlib.blake2b("\0".join(rows.column("doc_id").to_pylist()).encode(), digest_size=12).hexdigest()
             fs.create_dir(f"{base}/{kind}-{int(b):05d}", recursive=True)
             pq.write_table(rows, f"{base}/{kind}-{int(b):05d}/{name}.parquet", filesystem=fs)
-    trim_heap()  # Ray reuses this worker for every corpus file: without it, it grows with the number of files
     return pa.table({"rows": [int(pending.sum())]})
 
 
