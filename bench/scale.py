@@ -11,7 +11,8 @@ is measured on 1,000 real queries (random-weight vectors have no cluster structu
 
 Per size, each step runs in its own process, watched by a sampler (psutil over the process tree every 0.5 s):
 - encode: the job's CLI (``python -m reasonembed.cli encode``, index off: the index is reported separately): wall
-  time, documents/s, peak RSS of the driver and of the largest Ray worker, bytes written;
+  time, documents/s, peak RSS and peak private memory (RSS less shared pages) of the driver and of the largest Ray
+  worker, each worker named by what it ran at its peak, bytes written;
 - index: flat, IVF and HNSW, each built by ``reasonembed.index.encode.build_index`` (parts streamed in bounded
   batches): build time and peak RSS;
 - search: the Serve app (``reasonembed.serving.http.app``) over the flat index, ``POST /v1/search`` (top_k 10):
