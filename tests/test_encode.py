@@ -184,7 +184,9 @@ def test_killed_encode_job_resumes_without_loss_or_duplicates(tmp_path, dirty_co
            "run_id=t", "engine.rows_per_shard=10", "engine.shards_per_round=1",
            # Small shards and windows: all rounds stream through one actor pool, and one default window (1,024
            # rows) would hold the whole corpus and commit every shard at once, leaving nothing to resume.
-           "engine.window_rows=2"]
+           "engine.window_rows=2",
+           # One pool for all ~13 rounds (one model load, the `0` setting): a pool every 2 rounds doubled the time.
+           "engine.rounds_per_pool=0"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     stage_dir = out / "t" / "encode"
