@@ -1,29 +1,34 @@
-"""How much memory a Ray Data map actor keeps of the output it has returned, beside a plain Ray actor.
+"""How much memory a Ray Data map actor, and a Ray Data parquet read, keep of the data that went through them.
 
     python bench/actor_memory.py                       # 200 calls of 1,024 x 256 float32 (1 MiB) each
     python bench/actor_memory.py --calls 400 --dim 64
 
-Why this exists: the encode job streams every round of a large corpus through its Embedder actors, and the scale
-bench (bench/scale.py) saw a long-lived actor's private memory (RSS less shared pages) grow with the corpus even
-with the heap trimmed after every window (``reasonembed.heap``). This script isolates it from the model. Both
-cases return the same arrays (float32 [1024, dim], fresh each call) and sample the actor's private memory every 20
-calls:
+Why this exists: the scale bench (bench/scale.py) saw the encode job's long-lived processes grow with the corpus:
+an Embedder actor that had streamed many rounds, and the worker that read and staged the corpus. This script
+isolates both from the model. The map cases return the same arrays (float32 [1024, dim], fresh each call) and
+sample the actor's private memory (RSS less shared pages) every 20 calls:
 
-- ``ray-data``: ``map_batches(Actor, ActorPoolStrategy(size=1), batch_size=1024)`` over parquet files of 10,240
-  rows (id, text; the shape of the encode job's staged input) and, apart, over ``ray.data.range``, consumed with
-  ``iter_batches`` by the driver, as the encode job does;
+- ``ray-data``: ``map_batches(Actor, ActorPoolStrategy(size=1), batch_size=1024)`` consumed with ``iter_batches``
+  by the driver, as the encode job does, over parquet files of 10,240 rows (id, text; the shape of the encode
+  job's staged input) read two ways, Ray 2.60's default ``ray.data.read_parquet`` (DataSourceV2) and
+  ``reasonembed.index.reader.read_parquet`` (the V1 datasource), and over ``ray.data.range``;
 - ``ray-core``: a plain actor whose streaming generator method (``num_returns="streaming"``) yields the same
-  arrays, consumed and dropped by the driver one by one.
+  arrays, consumed and dropped by the driver one by one;
+- ``read``: the parquet files alone read both ways and consumed by the driver, with the read workers' peak private
+  memory sampled from the driver, at a quarter of the files and at all of them.
 
 It prints the slope (MiB of private memory per call, least squares over the samples) against the MiB returned per
-call. A slope near the output size means the process keeps about everything it returned. The encode job bounds
-what its actors keep by starting a fresh pool every ``engine.rounds_per_pool`` rounds (docs/scale.md).
+call. A slope near the output size means the process keeps about everything it returned. What was found, and why
+the encode job reads parquet on the V1 path: docs/scale.md, "What holds memory".
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import tempfile
+import threading
+from pathlib import Path
 
 import numpy as np
 
@@ -52,12 +57,11 @@ class _DataActor:
                 "call": np.full(n, self.calls, np.int32), "private_mb": np.full(n, mem, np.float32)}
 
 
-def _parquet_input(calls: int, folder: str):
+def _write_parquet(calls: int, folder: str) -> list[str]:
     """``calls * 1,024`` rows (id, a 40-word text) in parquet files of 10,240 rows: the shape of the encode job's
     input (its staged rounds)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-    import ray
 
     rng = np.random.default_rng(0)
     words = np.array([f"w{i}" for i in range(5000)])
@@ -65,16 +69,22 @@ def _parquet_input(calls: int, folder: str):
         n = min(10_240, calls * 1024 - k)
         texts = [" ".join(rng.choice(words, 40)) for _ in range(n)]
         pq.write_table(pa.table({"id": np.arange(k, k + n), "text": texts}), f"{folder}/part-{k:08d}.parquet")
-    return ray.data.read_parquet(folder)
+    return sorted(str(p) for p in Path(folder).glob("*.parquet"))
 
 
-def ray_data_case(calls: int, dim: int, source: str = "parquet") -> list[tuple[int, float]]:
-    import tempfile
-
+def _read(files: list[str], how: str):
+    """The files as a Ray dataset: Ray's default read (``ray``) or the encode job's (``reasonembed``)."""
     import ray
 
-    tmp = tempfile.TemporaryDirectory()
-    ds = _parquet_input(calls, tmp.name) if source == "parquet" else ray.data.range(calls * 1024)
+    from reasonembed.index.reader import read_parquet
+
+    return ray.data.read_parquet(files) if how == "ray" else read_parquet(files)
+
+
+def ray_data_case(calls: int, dim: int, files: list[str] | None, how: str = "") -> list[tuple[int, float]]:
+    import ray
+
+    ds = _read(files, how) if files else ray.data.range(calls * 1024)
     ds = ds.map_batches(
         _DataActor, fn_constructor_kwargs={"dim": dim}, compute=ray.data.ActorPoolStrategy(size=1),
         batch_size=1024, batch_format="numpy")
@@ -83,7 +93,6 @@ def ray_data_case(calls: int, dim: int, source: str = "parquet") -> list[tuple[i
         for c, m in zip(batch["call"], batch["private_mb"], strict=True):
             if m >= 0:
                 samples[int(c)] = float(m)
-    tmp.cleanup()
     return sorted(samples.items())
 
 
@@ -114,10 +123,40 @@ def ray_core_case(calls: int, dim: int) -> list[tuple[int, float]]:
     return samples
 
 
-def slope(samples: list[tuple[int, float]]) -> float:
-    """MiB of private memory per call: least-squares slope of the samples after the first (warm-up)."""
-    x = np.array([c for c, _ in samples[1:]], float)
-    y = np.array([m for _, m in samples[1:]], float)
+def _watch_readers(stop: threading.Event, peak: list[float]) -> None:
+    """Keep in ``peak[0]`` the largest private MiB of a Ray read worker until ``stop`` is set."""
+    import psutil
+
+    while not stop.is_set():
+        for p in psutil.process_iter():
+            try:
+                if "Read" in " ".join(p.cmdline()[:1]):
+                    m = p.memory_info()
+                    peak[0] = max(peak[0], (m.rss - m.shared) / 2**20)
+            except psutil.Error:
+                continue
+        stop.wait(0.1)
+
+
+def read_case(files: list[str], how: str) -> list[tuple[int, float]]:
+    """Peak private MiB of the read workers reading the first quarter of the files, then all of them; the x value
+    is the 1,024-row calls those rows stand for."""
+    out = []
+    for part in (files[:max(1, len(files) // 4)], files):
+        peak, stop = [0.0], threading.Event()
+        thread = threading.Thread(target=_watch_readers, args=(stop, peak), daemon=True)
+        thread.start()
+        rows = sum(len(b["id"]) for b in _read(part, how).iter_batches(batch_format="numpy", batch_size=None))
+        stop.set()
+        thread.join()
+        out.append((rows // 1024, peak[0]))
+    return out
+
+
+def slope(samples: list[tuple[int, float]], skip: int = 1) -> float:
+    """MiB of private memory per call: least-squares slope of the samples after the first ``skip`` (warm-up)."""
+    x = np.array([c for c, _ in samples[skip:]], float)
+    y = np.array([m for _, m in samples[skip:]], float)
     return float(np.polyfit(x, y, 1)[0]) if len(x) >= 2 else float("nan")
 
 
@@ -135,16 +174,28 @@ def main(argv: list[str] | None = None) -> int:
     ray.data.DataContext.get_current().enable_progress_bars = False
     out_mb = 1024 * args.dim * 4 / 2**20
     result = {"ray": ray.__version__, "calls": args.calls, "output_mib_per_call": out_mb}
-    cases = (("ray-data, parquet input", ray_data_case),
-             ("ray-data, range input", lambda c, d: ray_data_case(c, d, "range")),
-             ("ray-core", ray_core_case))
+    tmp = tempfile.TemporaryDirectory()
+    files = _write_parquet(args.calls, tmp.name)
+    cases = (("ray-data, parquet input, Ray's default read", lambda c, d: ray_data_case(c, d, files, "ray")),
+             ("ray-data, parquet input, reasonembed read", lambda c, d: ray_data_case(c, d, files, "reasonembed")),
+             ("ray-data, range input", lambda c, d: ray_data_case(c, d, None)),
+             ("ray-core", ray_core_case),
+             ("read, Ray's default read", lambda c, d: read_case(files, "ray")),
+             ("read, reasonembed read", lambda c, d: read_case(files, "reasonembed")))
     for name, case in cases:
         samples = case(args.calls, args.dim)
-        result[name] = {"samples": samples, "mib_per_call": round(slope(samples), 3)}
+        per_call = slope(samples, skip=0 if name.startswith("read") else 1)
+        result[name] = {"samples": samples, "mib_per_call": round(per_call, 3)}
+        if name.startswith("read"):  # a call here is 1,024 rows read
+            print(f"[actor-memory] {name}: read workers' peak private memory {samples[0][1]:.0f} MiB after "
+                  f"{samples[0][0] * 1024:,} rows, {samples[-1][1]:.0f} MiB after {samples[-1][0] * 1024:,} rows; "
+                  f"{per_call * 1e6 / 1024:.1f} MiB per million rows", flush=True)
+            continue
         print(f"[actor-memory] {name}: private memory {samples[0][1]:.0f} -> {samples[-1][1]:.0f} MiB over "
-              f"{samples[-1][0]} calls; {slope(samples):.3f} MiB per call, output {out_mb:.3f} MiB per call "
-              f"(ratio {slope(samples) / out_mb:.2f})", flush=True)
+              f"{samples[-1][0]} calls; {per_call:.3f} MiB per call, output {out_mb:.3f} MiB per call "
+              f"(ratio {per_call / out_mb:.2f})", flush=True)
     ray.shutdown()
+    tmp.cleanup()
     print(json.dumps({k: v for k, v in result.items()}), flush=True)
     return 0
 

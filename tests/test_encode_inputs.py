@@ -118,3 +118,30 @@ def test_in_memory_corpus_with_an_all_error_shard_first(ray_local, tmp_path):
     ids, x = encode.load_embeddings(stage)
     assert summary.rows == 2 and summary.rows_error == 2 and sorted(ids) == ["g1", "g2"] and x.shape == (2, 384)
     assert stage.read_manifest().inputs["upstream"] == "stage:abc"
+
+
+def test_parquet_corpus_is_read_on_the_flat_memory_path_in_fixed_batches(ray_local, tmp_path):
+    """Corpus parquet is read on Ray's V1 datasource (the V2 default kept memory in proportion to what a worker
+    had read, docs/scale.md), without changing the caller's Ray Data context, and parsed in fixed-size batches."""
+    import pyarrow as pa
+    import ray
+
+    from reasonembed.config.encode import CorpusSource
+    from reasonembed.index.reader import NORMALISE_BATCH_ROWS, read_corpus
+
+    n = NORMALISE_BATCH_ROWS * 2 + 5
+    pq.write_table(pa.table({"id": [f"d{i}" for i in range(n)], "text": [f"text {i}" for i in range(n)]}),
+                   tmp_path / "part-0.parquet")
+    ctx = ray.data.DataContext.get_current()
+    before = ctx.use_datasource_v2
+    build, rows = read_corpus(CorpusSource(path=str(tmp_path), title_field=None))
+    assert ctx.use_datasource_v2 == before
+    ds = build(3)
+    op = ds._logical_plan.dag
+    assert op.name == "MapBatches(norm)" and op.batch_size == NORMALISE_BATCH_ROWS
+    while op.input_dependencies:
+        op = op.input_dependencies[0]
+    assert op.name == "ReadParquet"  # the V1 read; V2 plans ListFiles -> ReadFiles
+    assert rows == n
+    ids = sorted(i for b in ds.iter_batches(batch_format="numpy") for i in b["doc_id"])
+    assert ids == sorted(f"d{i}" for i in range(n))

@@ -35,6 +35,7 @@ from reasonembed.config.embedder import EmbedderConfig
 from reasonembed.config.encode import EncodeEngineConfig, EncodeJobConfig, IndexConfig
 from reasonembed.heap import trim_heap
 from reasonembed.index.faiss_index import TEXTS, IndexSpec, SearchIndex
+from reasonembed.index.reader import read_parquet
 from reasonembed.repeats import CONFLICTING_ID, content_key, split_repeats
 from reasonembed.storage import Location, StageDir
 
@@ -208,6 +209,9 @@ def _add_error_rows(out: dict[int, list[dict]], rows) -> int:
 
 STAGED = "_input"  # <stage>/_input/{rows,errors}-<b>/<hash>.parquet: round b's rows to embed and its input errors
 STAGED_DONE = "_input/_complete"
+# Rows one staging call splits into its rounds' files: a fixed batch, not whatever block size the read gave (from
+# 5,000 rows to 128 MiB), so each file holds about STAGE_BATCH_ROWS / rounds rows and the staging worker one batch.
+STAGE_BATCH_ROWS = 50_000
 STAGED_LAYOUT = 2  # 1 (before): one folder a round holding error rows too; a staging of another layout is redone
 
 
@@ -248,7 +252,6 @@ def _staged_input(ds, stage: StageDir, pending: list[int], shards_per_round: int
     every round made the job quadratic in its size (1M documents are 32 rounds). A resumed run reuses a complete
     staging (the stage's config and inputs are the same, ``StageDir.begin`` checks that) and redoes an incomplete
     one."""
-    import ray
 
     keys = np.array(sorted(pending))
     if len({s // shards_per_round for s in pending}) <= 1:
@@ -258,7 +261,7 @@ def _staged_input(ds, stage: StageDir, pending: list[int], shards_per_round: int
         return _Input(lambda rounds: rows, lambda b: errors)
     if not stage.exists(STAGED_DONE) or stage.read_json(STAGED_DONE).get("layout") != STAGED_LAYOUT:
         stage.delete(STAGED)
-        written = ds.map_batches(_write_buckets, batch_format="pyarrow", batch_size=None,
+        written = ds.map_batches(_write_buckets, batch_format="pyarrow", batch_size=STAGE_BATCH_ROWS,
                                  fn_kwargs={"fs": stage.fs, "base": stage._p(STAGED),
                                             "shards_per_round": shards_per_round, "keys": keys})
         log.info("staged %d rows of %d pending shards by round", written.sum("rows") or 0, len(keys))
@@ -277,7 +280,7 @@ def _staged_input(ds, stage: StageDir, pending: list[int], shards_per_round: int
                  for n in stage.list(f"{STAGED}/rows-{b:05d}", ".parquet")]
         if not files:
             return None
-        rows = ray.data.read_parquet(files, filesystem=stage.fs).map_batches(
+        rows = read_parquet(files, filesystem=stage.fs).map_batches(
             _rows_to_embed, fn_kwargs={"keys": keys}, batch_format="numpy")
         # Rows must leave the pipeline in file order (round after round) for the driver to know a round is
         # complete when the next one starts. The dataset's context is its own copy (read_parquet copies it).

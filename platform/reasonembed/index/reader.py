@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -79,6 +80,46 @@ def _normalise(records: list[dict[str, Any]], src: CorpusSource, n_shards: int) 
             "error": np.array(errors, dtype=object), "shard": np.array(shards, dtype=np.int64)}
 
 
+@contextmanager
+def _parquet_read_path_v1():
+    """Build Ray Data parquet reads on the V1 datasource while inside.
+
+    Ray 2.60 routes ``read_parquet`` through DataSourceV2 by default, whose scanner (``pyarrow.dataset`` batches)
+    keeps memory in proportion to what a worker has read: measured here (docs/scale.md, "What holds memory"), a
+    read worker's private memory went 118 -> 299 -> 526 -> 759 MB reading 10k -> 100k -> 300k -> 1M scale-bench
+    documents on V2, and stayed at 154 MB on V1; a map actor fed from a V2 read kept 1.04 MiB per 1 MiB it
+    returned, 0.002 on V1 (``bench/actor_memory.py``). Upstream: apache/arrow#39808 (``Dataset.to_batches``
+    accumulates memory), ray-project/ray#62745, and ray-project/ray#63674, which turns V2 off by default in later
+    Ray. The switch is read when the read is built, so the scope only needs to cover ``read_parquet``.
+    """
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    before = getattr(ctx, "use_datasource_v2", None)
+    if before is not None:
+        ctx.use_datasource_v2 = False
+    try:
+        yield
+    finally:
+        if before is not None:
+            ctx.use_datasource_v2 = before
+
+
+def read_parquet(paths: list[str], **kwargs):
+    """``ray.data.read_parquet`` on the read path whose memory stays flat with the data read (see
+    ``_parquet_read_path_v1``); every parquet read of a corpus or a staged stream goes through here."""
+    import ray
+
+    with _parquet_read_path_v1():
+        return ray.data.read_parquet(paths, **kwargs)
+
+
+# Rows parsed into Python objects at a time. Ray Data's map_batches default (None) is a whole block, and a read
+# block grows with the corpus up to DataContext.target_max_block_size (128 MiB: 440,000 rows of the scale bench's
+# 1M corpus, whose Python objects took the reading worker past 1.2 GB); a fixed batch keeps the parse flat.
+NORMALISE_BATCH_ROWS = 4096
+
+
 def read_corpus(src: CorpusSource, n_shards_hint: int | None = None, storage: StorageConfig | None = None):
     """A Ray Dataset with columns doc_id, text, error ('' when fine) and shard (``schemas.CORPUS_COLUMNS``, what the
     encode stage requires of its input); plus its row count.
@@ -92,7 +133,7 @@ def read_corpus(src: CorpusSource, n_shards_hint: int | None = None, storage: St
     fs = resolve(files[0], storage)[0] if is_s3(files[0]) else None
     paths = [f[len("s3://"):] if is_s3(f) else f for f in files]
     if fmt == "parquet":
-        raw = ray.data.read_parquet(paths, filesystem=fs)
+        raw = read_parquet(paths, filesystem=fs)
     else:
         raw = ray.data.read_text(paths, filesystem=fs, drop_empty_lines=True)
     if src.limit:
@@ -103,7 +144,7 @@ def read_corpus(src: CorpusSource, n_shards_hint: int | None = None, storage: St
         if fmt == "parquet":
             def norm(batch: pa.Table) -> dict[str, np.ndarray]:
                 return _normalise(batch.to_pylist(), src, n_shards)
-            return raw.map_batches(norm, batch_format="pyarrow", zero_copy_batch=True)
+            return raw.map_batches(norm, batch_format="pyarrow", zero_copy_batch=True, batch_size=NORMALISE_BATCH_ROWS)
 
         def parse(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             records = []
@@ -120,6 +161,6 @@ def read_corpus(src: CorpusSource, n_shards_hint: int | None = None, storage: St
                 if "__bad__" in r:
                     out["error"][i] = r["__bad__"]
             return out
-        return raw.map_batches(parse, batch_format="numpy")
+        return raw.map_batches(parse, batch_format="numpy", batch_size=NORMALISE_BATCH_ROWS)
 
     return build, n_rows
