@@ -2,6 +2,7 @@
 
     python bench/actor_memory.py                       # 200 calls of 1,024 x 256 float32 (1 MiB) each
     python bench/actor_memory.py --calls 400 --dim 64
+    python bench/actor_memory.py --read runs/scale/corpus-1000000   # only the read cases, over a parquet folder
 
 Why this exists: the scale bench (bench/scale.py) saw the encode job's long-lived processes grow with the corpus:
 an Embedder actor that had streamed many rounds, and the worker that read and staged the corpus. This script
@@ -28,6 +29,7 @@ import argparse
 import json
 import tempfile
 import threading
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -123,6 +125,23 @@ def ray_core_case(calls: int, dim: int) -> list[tuple[int, float]]:
     return samples
 
 
+@contextmanager
+def _cluster():
+    """A fresh local Ray cluster for one case: Ray reuses idle worker processes, so a case run after another could
+    start in a process that already holds the earlier case's memory."""
+    import ray
+
+    from reasonembed.config.base import RayConfig
+    from reasonembed.runtime import connect_ray
+
+    connect_ray(RayConfig(num_cpus=2))
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
 def _watch_readers(stop: threading.Event, peak: list[float]) -> None:
     """Keep in ``peak[0]`` the largest private MiB of a Ray read worker until ``stop`` is set."""
     import psutil
@@ -144,11 +163,12 @@ def read_case(files: list[str], how: str) -> list[tuple[int, float]]:
     out = []
     for part in (files[:max(1, len(files) // 4)], files):
         peak, stop = [0.0], threading.Event()
-        thread = threading.Thread(target=_watch_readers, args=(stop, peak), daemon=True)
-        thread.start()
-        rows = sum(len(b["id"]) for b in _read(part, how).iter_batches(batch_format="numpy", batch_size=None))
-        stop.set()
-        thread.join()
+        with _cluster():  # a fresh one: a reused worker would carry what an earlier read left in it
+            thread = threading.Thread(target=_watch_readers, args=(stop, peak), daemon=True)
+            thread.start()
+            rows = sum(len(b["id"]) for b in _read(part, how).iter_batches(batch_format="numpy", batch_size=None))
+            stop.set()
+            thread.join()
         out.append((rows // 1024, peak[0]))
     return out
 
@@ -164,18 +184,14 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--calls", type=int, default=200)
     ap.add_argument("--dim", type=int, default=256)
+    ap.add_argument("--read", default=None, help="a folder of parquet files: run only the read cases, over them")
     args = ap.parse_args(argv)
     import ray
 
-    from reasonembed.config.base import RayConfig
-    from reasonembed.runtime import connect_ray
-
-    connect_ray(RayConfig(num_cpus=2))
-    ray.data.DataContext.get_current().enable_progress_bars = False
     out_mb = 1024 * args.dim * 4 / 2**20
     result = {"ray": ray.__version__, "calls": args.calls, "output_mib_per_call": out_mb}
     tmp = tempfile.TemporaryDirectory()
-    files = _write_parquet(args.calls, tmp.name)
+    files = sorted(str(p) for p in Path(args.read).glob("*.parquet")) if args.read else _write_parquet(args.calls, tmp.name)
     cases = (("ray-data, parquet input, Ray's default read", lambda c, d: ray_data_case(c, d, files, "ray")),
              ("ray-data, parquet input, reasonembed read", lambda c, d: ray_data_case(c, d, files, "reasonembed")),
              ("ray-data, range input", lambda c, d: ray_data_case(c, d, None)),
@@ -183,7 +199,10 @@ def main(argv: list[str] | None = None) -> int:
              ("read, Ray's default read", lambda c, d: read_case(files, "ray")),
              ("read, reasonembed read", lambda c, d: read_case(files, "reasonembed")))
     for name, case in cases:
-        samples = case(args.calls, args.dim)
+        if args.read and not name.startswith("read"):
+            continue
+        with nullcontext() if name.startswith("read") else _cluster():  # a read case starts one per point
+            samples = case(args.calls, args.dim)
         per_call = slope(samples, skip=0 if name.startswith("read") else 1)
         result[name] = {"samples": samples, "mib_per_call": round(per_call, 3)}
         if name.startswith("read"):  # a call here is 1,024 rows read
@@ -194,7 +213,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[actor-memory] {name}: private memory {samples[0][1]:.0f} -> {samples[-1][1]:.0f} MiB over "
               f"{samples[-1][0]} calls; {per_call:.3f} MiB per call, output {out_mb:.3f} MiB per call "
               f"(ratio {per_call / out_mb:.2f})", flush=True)
-    ray.shutdown()
     tmp.cleanup()
     print(json.dumps({k: v for k, v in result.items()}), flush=True)
     return 0
