@@ -26,7 +26,7 @@ from reasonembed.input_fingerprint import model_input
 from reasonembed.remixer.context import Context
 from reasonembed.remixer.generate import QUERIES_REQUIRES, engine_identity, final_queries
 from reasonembed.remixer.ids import content_hash
-from reasonembed.remixer.llm_stage import LLMTask, llm_result, run_llm_shards
+from reasonembed.remixer.llm_stage import LLMTask, run_llm_stage
 from reasonembed.remixer.parsing import parse_score
 from reasonembed.remixer.prompts import DomainProfile, annotation_prompt
 from reasonembed.remixer.stage import POOL_COLUMNS, Requires, Stage, StageResult, read_input, read_pool
@@ -137,11 +137,7 @@ class AnnotateStage(Stage):
                        ScoreParser(ctx.cfg.annotate), id_column="pair_id",
                        keep_columns=["query_id", "doc_id", "rank", "domain", "shard"], part_id="pair_id",
                        error_id="pair_id")
-        stage = ctx.stage(self.name)
-        stats = run_llm_shards(stage, pairs, sorted(ctx.stage("prepare").done_shards()), task,
-                               batch_invariant=ctx.cfg.batch_invariant, engines=ctx.engines,
-                               retry_errors=ctx.cfg.retry_errors)
-        return llm_result(stage, pairs.num_rows, stats, _scores)
+        return run_llm_stage(ctx, self.name, pairs, task, _scores)
 
 
 ANNOTATE = AnnotateStage()

@@ -22,7 +22,7 @@ from reasonembed.config.llm import LLMEngineConfig
 from reasonembed.input_fingerprint import model_input
 from reasonembed.remixer.context import Context
 from reasonembed.remixer.ids import content_hash, row_rng, weighted_pick
-from reasonembed.remixer.llm_stage import LLMTask, llm_result, run_llm_shards
+from reasonembed.remixer.llm_stage import LLMTask, run_llm_stage
 from reasonembed.remixer.parsing import parse_query
 from reasonembed.remixer.prompts import DomainProfile, generation_prompt, reasoning_prompt
 from reasonembed.remixer.stage import Requires, Stage, StageResult, read_input
@@ -185,12 +185,8 @@ class GenerateStage(Stage):
                        QueryParser(ctx.profiles, _post_generate), id_column="gen_id",
                        keep_columns=["domain", "source_doc_id", "shard", "length", "education"],
                        part_id="gen_id", error_id="row_id")
-        stage = ctx.stage(self.name)
-        stats = run_llm_shards(stage, requests, sorted(ctx.stage("prepare").done_shards()), task,
-                               batch_invariant=ctx.cfg.batch_invariant, engines=ctx.engines,
-                               retry_errors=ctx.cfg.retry_errors)
-        return llm_result(stage, requests.num_rows, stats,
-                          lambda out: {"duplicate_queries": unique_queries(out)[1], **_sums(out)})
+        return run_llm_stage(ctx, self.name, requests, task,
+                             lambda out: {"duplicate_queries": unique_queries(out)[1], **_sums(out)})
 
 
 GENERATE = GenerateStage()
@@ -238,11 +234,7 @@ class ReasonStage(Stage):
         task = LLMTask(reason_engine(ctx), ReasoningMessages(ctx.profiles, ctx.cfg.reasoning.prompt),
                        QueryParser(ctx.profiles, _post_reason), id_column="query_id",
                        keep_columns=["domain", "source_doc_id", "shard"], part_id="query_id", error_id="row_id")
-        stage = ctx.stage(self.name)
-        stats = run_llm_shards(stage, rows, sorted(ctx.stage("prepare").done_shards()), task,
-                               batch_invariant=ctx.cfg.batch_invariant, engines=ctx.engines,
-                               retry_errors=ctx.cfg.retry_errors)
-        return llm_result(stage, rows.num_rows, stats, _sums)
+        return run_llm_stage(ctx, self.name, rows, task, _sums)
 
 
 REASON = ReasonStage()

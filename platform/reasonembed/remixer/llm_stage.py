@@ -40,6 +40,7 @@ import pyarrow.compute as pc
 from reasonembed import progress
 from reasonembed.config.llm import LLMEngineConfig
 from reasonembed.llm.engine_pool import EnginePool
+from reasonembed.remixer.context import Context
 from reasonembed.remixer.stage import StageResult
 from reasonembed.repeats import CONFLICTING_ID, content_key, split_repeats
 from reasonembed.storage import StageDir
@@ -305,6 +306,17 @@ def llm_result(stage: StageDir, rows_in: int, stats: LLMStageStats,
     return StageResult(rows_in=rows_in, rows_out=out.num_rows, rows_error=errors.num_rows, errors_by_reason=reasons,
                        extra={**stats.as_dict(), **parse_failures(errors, out.num_rows), **extra_of(out)},
                        shards_changed=list(stats.shards_changed))
+
+
+def run_llm_stage(ctx: Context, name: str, rows: pa.Table, task: LLMTask,
+                  extra_of: Callable[[pa.Table], dict]) -> StageResult:
+    """Run ``task`` over ``rows`` as stage ``name`` in every shard the prepare stage finished (``run_llm_shards``:
+    one part per shard, resumable, errors kept as rows) and return the stage's result (``llm_result``)."""
+    stage = ctx.stage(name)
+    stats = run_llm_shards(stage, rows, sorted(ctx.stage("prepare").done_shards()), task,
+                           batch_invariant=ctx.cfg.batch_invariant, engines=ctx.engines,
+                           retry_errors=ctx.cfg.retry_errors)
+    return llm_result(stage, rows.num_rows, stats, extra_of)
 
 
 def model_record(engine: LLMEngineConfig) -> dict:
