@@ -85,10 +85,10 @@ def _parquet_read_path_v1():
     """Build Ray Data parquet reads on the V1 datasource while inside.
 
     Ray 2.60 routes ``read_parquet`` through DataSourceV2 by default, whose scanner (``pyarrow.dataset`` batches)
-    keeps memory in proportion to what a worker has read: measured here (docs/scale.md, "What holds memory"), a
-    read worker's private memory went 118 -> 299 -> 526 -> 759 MB reading 10k -> 100k -> 300k -> 1M scale-bench
-    documents on V2, and stayed at 154 MB on V1; a map actor fed from a V2 read kept 1.04 MiB per 1 MiB it
-    returned, 0.002 on V1 (``bench/actor_memory.py``). Upstream: apache/arrow#39808 (``Dataset.to_batches``
+    keeps memory in proportion to what a worker has read. Measured here with ``bench/actor_memory.py`` (docs/scale.md,
+    "Memory of long-lived workers"): reading the scale bench's 1M corpus, the read workers peaked at 647 MiB
+    private after 250k rows and 803 MiB after all of them on V2, 171 and 179 MiB on V1; a map actor fed from a V2
+    read kept 1.04 MiB per 1 MiB it returned, 0.002 on V1. Upstream: apache/arrow#39808 (``Dataset.to_batches``
     accumulates memory), ray-project/ray#62745, and ray-project/ray#63674, which turns V2 off by default in later
     Ray. The switch is read when the read is built, so the scope only needs to cover ``read_parquet``.
     """
