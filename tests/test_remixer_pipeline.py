@@ -256,6 +256,22 @@ def test_rerun_skips_finished_stages(reference_run, tiny_data):
     assert again["samples"] == first["samples"]
 
 
+def _back_inside_generate(syn: Path) -> None:
+    """Put a run the test killed too late back where the fault is meant to land: inside the generate stage.
+
+    The test polls for generate's first part every 50 ms, but on the tiny model the three parts and the manifest can
+    be written within 150 ms, and a loaded CI runner once saw the first part only after the manifest (the driver was
+    already in the reason stage). Stages after generate begin only once its manifest exists, so removing the
+    manifest and those stages' folders gives exactly the state of a kill between the parts and the manifest; the
+    test then drops the last part as well (a kill after the last commit)."""
+    if not (syn / "generate" / "_manifest.json").exists():
+        return
+    (syn / "generate" / "_manifest.json").unlink()
+    later = list(STAGE_KEYS)[list(STAGE_KEYS).index("generate") + 1:]
+    for name in later:
+        shutil.rmtree(syn / name, ignore_errors=True)
+
+
 def test_killed_driver_and_actor_then_resumed_equals_uninterrupted(reference_run, tiny_data, tmp_path):
     ref_out, ref = reference_run
     out = tmp_path / "killed"
@@ -264,6 +280,7 @@ def test_killed_driver_and_actor_then_resumed_equals_uninterrupted(reference_run
     first = run_pipeline(out, tiny_data, [], kill_when="local-tiny/synthesize/generate/part-*.parquet")
     assert first["killed_with"] and first["summary"] is None
     syn = out / "local-tiny" / "synthesize"
+    _back_inside_generate(syn)
     # killed inside the stage: the generate stage has parts but no manifest yet
     assert not (syn / "generate" / "_manifest.json").exists()
     # An interrupted attempt's error rows for a shard the kill left unfinished: the resumed run's commit of that
