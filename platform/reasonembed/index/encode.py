@@ -252,7 +252,6 @@ def _staged_input(ds, stage: StageDir, pending: list[int], shards_per_round: int
     every round made the job quadratic in its size (1M documents are 32 rounds). A resumed run reuses a complete
     staging (the stage's config and inputs are the same, ``StageDir.begin`` checks that) and redoes an incomplete
     one."""
-
     keys = np.array(sorted(pending))
     if len({s // shards_per_round for s in pending}) <= 1:
         errors: dict[int, list[dict]] = defaultdict(list)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -80,9 +79,8 @@ def _normalise(records: list[dict[str, Any]], src: CorpusSource, n_shards: int) 
             "error": np.array(errors, dtype=object), "shard": np.array(shards, dtype=np.int64)}
 
 
-@contextmanager
-def _parquet_read_path_v1():
-    """Build Ray Data parquet reads on the V1 datasource while inside.
+def read_parquet(paths: list[str], **kwargs):
+    """``ray.data.read_parquet`` built on Ray's V1 datasource (the caller's ``use_datasource_v2`` is restored after).
 
     Ray 2.60 routes ``read_parquet`` through DataSourceV2 by default, whose scanner (``pyarrow.dataset`` batches)
     keeps memory in proportion to what a worker has read. Measured here with ``bench/actor_memory.py`` (docs/scale.md,
@@ -90,28 +88,18 @@ def _parquet_read_path_v1():
     private after 250k rows and 803 MiB after all of them on V2, 171 and 179 MiB on V1; a map actor fed from a V2
     read kept 1.04 MiB per 1 MiB it returned, 0.002 on V1. Upstream: apache/arrow#39808 (``Dataset.to_batches``
     accumulates memory), ray-project/ray#62745, and ray-project/ray#63674, which turns V2 off by default in later
-    Ray. The switch is read when the read is built, so the scope only needs to cover ``read_parquet``.
+    Ray. The switch is read when the read is built, so it only needs to be off during this call. Every parquet read
+    of a corpus or a staged stream goes through here.
     """
-    from ray.data import DataContext
-
-    ctx = DataContext.get_current()
-    before = getattr(ctx, "use_datasource_v2", None)
-    if before is not None:
-        ctx.use_datasource_v2 = False
-    try:
-        yield
-    finally:
-        if before is not None:
-            ctx.use_datasource_v2 = before
-
-
-def read_parquet(paths: list[str], **kwargs):
-    """``ray.data.read_parquet`` on the read path whose memory stays flat with the data read (see
-    ``_parquet_read_path_v1``); every parquet read of a corpus or a staged stream goes through here."""
     import ray
 
-    with _parquet_read_path_v1():
+    ctx = ray.data.DataContext.get_current()
+    before = ctx.use_datasource_v2
+    ctx.use_datasource_v2 = False
+    try:
         return ray.data.read_parquet(paths, **kwargs)
+    finally:
+        ctx.use_datasource_v2 = before
 
 
 # Rows parsed into Python objects at a time. Ray Data's map_batches default (None) is a whole block, and a read
